@@ -1,0 +1,211 @@
+"""`ModalCache`: the typed KV cache of a generation, one `LayerCache` per decoder layer.
+
+Slot layout of a layer's K/V buffers `[B, Hkv, slots, D]`:
+
+    [ system rows | kept image rows (secondary) | evictable rows ]
+      pinned: never evicted, shared by all heads  |  per head, budgeted
+
+A decode step attends the system rows, the image rows of this step (the core set, or all
+secondary rows on a refresh step) and the live evictable rows, through the gathered-attention
+op; nothing is masked over a full-length cache. All shapes are fixed after prefill, so the
+compiled decode step never changes shape: evictions flip `live` and reuse slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from avl.ops import gathered_attention
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many rows an evictable region keeps after a step, given the rows it has seen.
+
+    rows = max(ratio * seen (rounded half-to-even, or floored), minimum), or `fixed` rows;
+    `heavy_share` of them are the heavy hitters (highest accumulated attention), the rest the
+    most recent rows. `None` everywhere means no eviction.
+    """
+
+    ratio: float | None = None
+    fixed: int | None = None
+    minimum: int = 0
+    heavy_share: float = 0.0
+    rounding: str = "round"
+
+    @property
+    def evicts(self) -> bool:
+        return self.ratio is not None or self.fixed is not None
+
+    def rows(self, seen: Tensor) -> Tensor:
+        """Budget for `seen` [B] rows seen so far -> [B] int64."""
+        if self.fixed is not None:
+            return torch.full_like(seen, self.fixed)
+        if self.ratio is None:
+            return seen
+        scaled = seen.to(torch.float64) * self.ratio
+        scaled = scaled.round() if self.rounding == "round" else scaled.floor()
+        return scaled.long().clamp(min=self.minimum)
+
+    def heavy(self, rows: Tensor) -> Tensor:
+        return (rows.to(torch.float64) * self.heavy_share).floor().long()
+
+    def capacity(self, seen_final: int) -> int:
+        """Slots that hold the region through a generation ending with `seen_final` rows seen."""
+        if not self.evicts:
+            return seen_final
+        return min(seen_final, int(self.rows(torch.tensor([seen_final]))[0]) + 1)
+
+
+def keep_heavy_and_recent(live: Tensor, time: Tensor, score: Tensor, rows: Tensor, heavy: Tensor) -> Tensor:
+    """H2O selection per head: the `rows - heavy` most recent live rows plus the `heavy` live rows
+    with the highest score among the others. live/time/score [B, H, E], rows/heavy [B].
+    Returns the keep mask [B, H, E]; keeps everything when the live count is within `rows`."""
+    recent = (rows - heavy)[:, None, None]
+    heavy = heavy[:, None, None]
+    newest_first = torch.where(live, time, time.new_tensor(-1)).argsort(dim=-1, descending=True, stable=True)
+    recency_rank = newest_first.argsort(dim=-1)
+    keep_recent = live & (recency_rank < recent)
+    candidates = live & ~keep_recent
+    ordered = torch.where(candidates, score, score.new_tensor(float("-inf")))
+    heavy_rank = ordered.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return keep_recent | (candidates & (heavy_rank < heavy))
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's cache. Index tensors hold slot numbers, -1 where a sample has fewer rows."""
+
+    k: Tensor  # [B, Hkv, S, D]
+    v: Tensor  # [B, Hkv, S, D]
+    system: Tensor  # [B, A] slots always attended
+    vision: Tensor  # [B, Nv] slots of the kept (secondary) image rows
+    core: Tensor  # [B, Nc] slots of the core image rows, a subset of `vision`
+    core_count: Tensor  # [B] core rows per sample
+    live: Tensor  # [B, Hkv, E] evictable slot holds a row
+    time: Tensor  # [B, Hkv, E] rotary position of that row (recency)
+    score: Tensor  # [B, Hkv, E] accumulated attention received (heavy-hitter score)
+    seen: Tensor  # [B] rows that ever entered the evictable region
+    used: Tensor  # [] head-rows attended in the last decode step (for stats)
+
+    @property
+    def evictable_start(self) -> int:
+        return self.k.shape[2] - self.live.shape[2]
+
+    def indices(self, refresh: bool) -> Tensor:
+        """Slots to attend this step, [B, Hkv, M] int32 (-1 = skip)."""
+        heads = self.live.shape[1]
+        image = self.vision if refresh else self.core
+        pinned = torch.cat([self.system, image], dim=1)[:, None].expand(-1, heads, -1)
+        slots = torch.arange(self.evictable_start, self.k.shape[2], device=self.k.device)
+        evictable = torch.where(self.live, slots, -1)
+        return torch.cat([pinned, evictable], dim=2).to(torch.int32)
+
+    def append(self, k_new: Tensor, v_new: Tensor, position: Tensor) -> None:
+        """Write the new token's k/v [B, Hkv, 1, D] into the first free evictable slot of each head."""
+        free = (~self.live).int().argmax(dim=-1, keepdim=True)  # [B, Hkv, 1]
+        slot = (free + self.evictable_start)[..., None].expand_as(k_new)
+        self.k.scatter_(2, slot, k_new)
+        self.v.scatter_(2, slot, v_new)
+        self.live.scatter_(2, free, True)
+        self.time.scatter_(2, free, position[:, None, None].expand_as(free))
+        self.score.scatter_(2, free, 0.0)
+        self.seen.add_(1)
+
+    def evict(self, budget: Budget) -> None:
+        """Drop evictable rows over the budget (after the step's attention)."""
+        rows = budget.rows(self.seen)
+        keep = keep_heavy_and_recent(self.live, self.time, self.score, rows, budget.heavy(rows))
+        self.live.copy_(keep)
+
+    def refresh_core(self, image_probs: Tensor) -> None:
+        """Re-rank the core set from this step's head-mean probabilities over `vision` [B, Nv]."""
+        ranked = image_probs.masked_fill(self.vision < 0, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        width = self.core.shape[1]
+        core = self.vision.gather(1, ranked[:, :width])
+        taken = torch.arange(width, device=core.device)[None, :] < self.core_count[:, None]
+        self.core.copy_(torch.where(taken, core, -1))
+
+    def bytes_per_head_row(self) -> int:
+        return 2 * self.k.shape[-1] * self.k.element_size()
+
+    def stored_head_rows(self) -> int:
+        pinned = (torch.cat([self.system, self.vision], dim=1) >= 0).sum() * self.live.shape[1]
+        return int(pinned + self.live.sum())
+
+    def allocated_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Rows are counted per sample and KV head, divided by the heads: a row is one token's K and V."""
+
+    stored_rows: float
+    stored_bytes: int
+    allocated_bytes: int
+    used_rows: float
+    used_bytes: int
+    full_rows: int
+    full_bytes: int
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Cache accounting of a generation: per layer and in total, against the uncompressed cache."""
+
+    layers: list[LayerStats]
+
+    @property
+    def total(self) -> LayerStats:
+        return LayerStats(*(sum(getattr(s, f.name) for s in self.layers) for f in fields(LayerStats)))
+
+    def table(self) -> str:
+        """A plain-text table: one line per layer and the total, with % of the full cache."""
+        head = f"{'layer':>6} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9} {'%full':>6}"
+        lines = [head]
+        for name, s in [*((str(i), s) for i, s in enumerate(self.layers)), ("total", self.total)]:
+            lines.append(
+                f"{name:>6} {s.stored_rows:>12.1f} {s.stored_bytes / 2**20:>10.3f} {100 * s.stored_bytes / s.full_bytes:>6.1f}"
+                f" {s.used_rows:>10.1f} {s.used_bytes / 2**20:>9.3f} {100 * s.used_bytes / s.full_bytes:>6.1f}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class ModalCache:
+    """The whole cache of a generation: per-layer caches and the decode position of each sample."""
+
+    layers: list[LayerCache]
+    next_position: Tensor  # [B] rotary position of the next token
+    full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
+
+    def advance(self) -> None:
+        """After a decode step: the next token is one position further, the full cache one row longer."""
+        self.next_position.add_(1)
+        self.full_rows.add_(1)
+
+    def stats(self) -> CacheStats:
+        out = []
+        for layer in self.layers:
+            heads, per_row = layer.live.shape[1], layer.bytes_per_head_row()
+            stored, used = layer.stored_head_rows(), int(layer.used)
+            full = int(self.full_rows.sum())
+            out.append(LayerStats(
+                stored_rows=stored / heads, stored_bytes=stored * per_row, allocated_bytes=layer.allocated_bytes(),
+                used_rows=used / heads, used_bytes=used * per_row, full_rows=full, full_bytes=full * heads * per_row,
+            ))
+        return CacheStats(out)
+
+
+def attend(layer: LayerCache, q: Tensor, k_new: Tensor, v_new: Tensor, position: Tensor, refresh: bool,
+           scale: float) -> tuple[Tensor, Tensor]:
+    """Append the new token's k/v, then attend the selected rows: out [B, Hq, 1, D], probs [B, Hq, M]."""
+    layer.append(k_new, v_new, position)
+    idx = layer.indices(refresh)
+    out, probs = gathered_attention(q, layer.k, layer.v, idx, scale)
+    layer.used.copy_((idx >= 0).sum())
+    return out, probs

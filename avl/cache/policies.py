@@ -1,0 +1,318 @@
+"""KV-cache policies: what each layer's cache keeps after prefill and attends in decode.
+
+A policy is a small frozen dataclass, shared by all layers (per-layer state lives in the
+cache). It answers four questions, and `build_layer_cache` / `decode_update` do the rest:
+
+- `roles(layout)`: which prompt rows are pinned (always attended), image rows subject to the
+  secondary/core selection, or evictable under a `Budget`;
+- `image_counts(n_image)`: how many image rows each layer keeps (secondary) and computes (core);
+- `budget`: the eviction rule of the evictable rows;
+- `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avl.cache.layout import Modality, PromptLayout, packed_index
+from avl.cache.modal_cache import Budget, LayerCache, keep_heavy_and_recent
+from avl.models.layers import compute_dtype
+
+
+class Role(IntEnum):
+    NONE = 0  # padding
+    PINNED = 1  # kept and attended at every step
+    IMAGE = 2  # kept if among the secondary rows, attended if core (or on refresh steps)
+    EVICTABLE = 3  # kept while within the budget
+
+
+def _check_ratio(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: a ratio in (0, 1], or None to turn it off")
+
+
+def _check_count(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base: the full cache. Subclasses override the parts they change."""
+
+    def roles(self, layout: PromptLayout) -> Tensor:
+        roles = torch.full_like(layout.modality, Role.EVICTABLE)
+        roles = roles.masked_fill(layout.modality == Modality.SYSTEM, Role.PINNED)
+        roles = roles.masked_fill(layout.modality == Modality.IMAGE, Role.IMAGE)
+        return roles.masked_fill(~layout.valid, Role.NONE)
+
+    def image_counts(self, n_image: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(secondary, core) rows per sample [B], or None to keep and attend every image row."""
+        return None
+
+    @property
+    def budget(self) -> Budget:
+        return Budget()
+
+    @property
+    def refresh_every(self) -> int | None:
+        """Core refresh interval K: decode steps t with t % K == 0 attend all secondary rows."""
+        return None
+
+    def prune_keep(self, layer: int) -> float | None:
+        """Share of the original image rows whose hidden states survive after prefill `layer`."""
+        return None
+
+    def scoring_queries(self, layout: PromptLayout) -> Tensor | None:
+        """Query rows [B, L] whose attention, summed, is the evictable rows' initial score."""
+        return None
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise if the policy names a layer the model does not have."""
+
+    def needs_image_scores(self, layer: int) -> bool:
+        return self.image_counts(torch.zeros(1, dtype=torch.long)) is not None or self.prune_keep(layer) is not None
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Keep and attend every row: the uncompressed model."""
+
+
+@dataclass(frozen=True)
+class AVL(Policy):
+    """A-VL: adaptive attention for LVLMs. Each part is off when None.
+
+    Counts are taken of the ORIGINAL number of image tokens N_img of each sample.
+
+    - secondary (S): image rows kept per layer after prefill, `int(S * N_img)`, ranked by the
+      attention of the last prompt token averaged over heads; the rest are evicted.
+    - core (C): image rows computed in decode, `int(C * N_img)`, the top of the same ranking;
+      needs `secondary` and `refresh_every`.
+    - refresh_every (K): every K-th decode step attends all secondary rows and re-ranks the core.
+    - prefill_keep (P): after prefill layer `prefill_layer - 1`, only the hidden states of the top
+      `int(P * N_img)` image tokens go on to later layers (original positions kept).
+    - text_keep (T): rows after the image follow H2O per head with a budget of
+      `max(round(T * L_text), text_min_budget)`, `text_heavy_share` of it heavy hitters.
+    """
+
+    secondary: float | None = None
+    core: float | None = None
+    refresh_every_steps: int | None = None
+    prefill_keep: float | None = None
+    text_keep: float | None = None
+    prefill_layer: int = 2
+    text_heavy_share: float = 0.5
+    text_min_budget: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("secondary", "core", "prefill_keep", "text_keep"):
+            _check_ratio(name, getattr(self, name))
+        _check_count("refresh_every", self.refresh_every_steps, 1)
+        _check_count("prefill_layer", self.prefill_layer, 1)
+        _check_count("text_min_budget", self.text_min_budget, 1)
+        if not 0.0 <= self.text_heavy_share <= 1.0:
+            raise ValueError(f"text_heavy_share={self.text_heavy_share!r} is out of range; allowed: [0, 1]")
+        if self.core is not None:
+            if self.secondary is None or self.refresh_every_steps is None:
+                raise ValueError("core is set but secondary or refresh_every is None; allowed: core only with both")
+            if self.core > self.secondary:
+                raise ValueError(f"core={self.core!r} exceeds secondary={self.secondary!r}; allowed: core <= secondary")
+        elif self.refresh_every_steps is not None:
+            raise ValueError("refresh_every is set but core is None; allowed: refresh_every only with core")
+
+    def image_counts(self, n_image: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.secondary is None:
+            return None
+        secondary = (n_image.to(torch.float64) * self.secondary).long()
+        core = secondary if self.core is None else (n_image.to(torch.float64) * self.core).long()
+        return secondary, core
+
+    @property
+    def budget(self) -> Budget:
+        if self.text_keep is None:
+            return Budget()
+        return Budget(ratio=self.text_keep, minimum=self.text_min_budget, heavy_share=self.text_heavy_share)
+
+    @property
+    def refresh_every(self) -> int | None:
+        return self.refresh_every_steps
+
+    def prune_keep(self, layer: int) -> float | None:
+        return self.prefill_keep if layer == self.prefill_layer - 1 else None
+
+    def scoring_queries(self, layout: PromptLayout) -> Tensor | None:
+        return layout.modality == Modality.TEXT if self.text_keep is not None else None
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.prefill_keep is not None and self.prefill_layer >= num_layers:
+            raise ValueError(f"prefill_layer={self.prefill_layer} is out of range; allowed: [1, {num_layers - 1}]")
+
+
+@dataclass(frozen=True)
+class FastV(Policy):
+    """FastV with a KV cache: after prefill layer `layer - 1`, keep the hidden states of the top
+    `int(keep * N_img)` image tokens (last prompt token's head-mean attention); decode then runs on
+    the resulting (shorter) cache of the later layers."""
+
+    layer: int = 2
+    keep: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_count("layer", self.layer, 1)
+        _check_ratio("keep", self.keep)
+
+    def prune_keep(self, layer: int) -> float | None:
+        return self.keep if layer == self.layer - 1 else None
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.layer >= num_layers:
+            raise ValueError(f"layer={self.layer} is out of range; allowed: [1, {num_layers - 1}]")
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy-Hitter Oracle over all rows, per head: budget `int(budget * len)` rows, `heavy_share`
+    of them by accumulated attention, the rest the most recent."""
+
+    budget_ratio: float = 0.5
+    heavy_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check_ratio("budget", self.budget_ratio)
+        if not 0.0 <= self.heavy_share <= 1.0:
+            raise ValueError(f"heavy_share={self.heavy_share!r} is out of range; allowed: [0, 1]")
+
+    def roles(self, layout: PromptLayout) -> Tensor:
+        return torch.where(layout.valid, Role.EVICTABLE, Role.NONE)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(ratio=self.budget_ratio, heavy_share=self.heavy_share, rounding="floor")
+
+    def scoring_queries(self, layout: PromptLayout) -> Tensor | None:
+        return layout.valid
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """Attention sinks: the first `sinks` rows plus a window of the `window` most recent rows."""
+
+    sinks: int = 4
+    window: int = 256
+
+    def __post_init__(self) -> None:
+        _check_count("sinks", self.sinks, 0)
+        _check_count("window", self.window, 1)
+
+    def roles(self, layout: PromptLayout) -> Tensor:
+        order = layout.valid.long().cumsum(-1)  # 1-based rank among valid rows
+        roles = torch.where(order <= self.sinks, Role.PINNED, Role.EVICTABLE)
+        return roles.masked_fill(~layout.valid, Role.NONE)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(fixed=self.window)
+
+
+def build_layer_cache(
+    policy: Policy,
+    layout: PromptLayout,
+    k: Tensor,
+    v: Tensor,
+    n_image: Tensor,
+    image_scores: Tensor | None,
+    evict_scores: Tensor | None,
+    new_tokens: int,
+) -> LayerCache:
+    """Compact one layer's prefill K/V [B, Hkv, L, D] into its `LayerCache`.
+
+    image_scores [B, L]: head-mean attention of the last prompt token (needed when the policy
+    selects image rows); evict_scores [B, Hkv, L]: attention received from the scoring queries.
+    `new_tokens` sizes the evictable region for the whole generation.
+    """
+    b, heads, _, _ = k.shape
+    roles = policy.roles(layout)
+    image = roles == Role.IMAGE
+    counts = policy.image_counts(n_image)
+    if counts is None:
+        secondary = core_count = image.sum(-1)
+        image_scores = torch.zeros(layout.modality.shape, dtype=torch.float32, device=k.device)
+    else:
+        secondary, core_count = (torch.minimum(c, image.sum(-1)) for c in counts)
+    ranked = image_scores.masked_fill(~image, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = ranked.argsort(dim=-1)
+    kept_image = image & (rank < secondary[:, None])
+
+    pinned_rows = packed_index(roles == Role.PINNED)  # [B, A]
+    vision_rows = packed_index(kept_image)  # [B, Nv]
+    pinned_index = torch.cat([pinned_rows, vision_rows], dim=1)  # [B, A + Nv] token index per slot
+    n_pinned = pinned_rows.shape[1]
+
+    evict_rows = packed_index(roles == Role.EVICTABLE, min_width=1)[:, None].expand(-1, heads, -1)  # [B, Hkv, E0]
+    present = evict_rows >= 0
+    time = layout.positions[:, None].expand(-1, heads, -1).gather(2, evict_rows.clamp(min=0))
+    score_dtype = compute_dtype(k.dtype)
+    if evict_scores is None:
+        score = torch.zeros(present.shape, dtype=score_dtype, device=k.device)
+    else:
+        score = evict_scores.to(score_dtype).gather(2, evict_rows.clamp(min=0))
+    seen = present[:, 0].sum(-1)  # [B]
+    budget = policy.budget
+    keep = present
+    if budget.evicts:
+        rows = budget.rows(seen)
+        keep = keep_heavy_and_recent(present, time, score, rows, budget.heavy(rows))
+    capacity = max(budget.capacity(int(s) + new_tokens) for s in seen)
+    grow = max(capacity - present.shape[2], 0)
+    keep, evict_rows, time, score = (F.pad(x, (0, grow), value=fill) for x, fill in
+                                     ((keep, False), (evict_rows, -1), (time, 0), (score, 0.0)))
+    order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[:, :, :capacity]  # kept rows first
+    live = keep.gather(2, order)  # [B, Hkv, E]
+    evict_index = evict_rows.gather(2, order).masked_fill(~live, -1)
+
+    def rows_of(x: Tensor, index: Tensor) -> Tensor:  # x [B, Hkv, L, D], index [B, Hkv, S] -> [B, Hkv, S, D]
+        picked = x.gather(2, index.clamp(min=0)[..., None].expand(-1, -1, -1, x.shape[-1]))
+        return picked.masked_fill((index < 0)[..., None], 0.0)
+
+    pinned_index_h = pinned_index[:, None].expand(-1, heads, -1)
+    slots = torch.cat([pinned_index_h, evict_index], dim=2)
+    slot_ids = torch.arange(pinned_index.shape[1], device=k.device)[None].expand(b, -1)
+    system = torch.where(pinned_rows >= 0, slot_ids[:, :n_pinned], -1)
+    vision = torch.where(vision_rows >= 0, slot_ids[:, n_pinned:], -1)
+    layer = LayerCache(
+        k=rows_of(k, slots),
+        v=rows_of(v, slots),
+        system=system,
+        vision=vision,
+        core=vision.clone(),
+        core_count=core_count,
+        live=live,
+        time=time.gather(2, order),
+        score=score.gather(2, order),
+        seen=seen,
+        used=torch.zeros((), dtype=torch.long, device=k.device),
+    )
+    vision_scores = image_scores.gather(1, vision_rows.clamp(min=0))
+    layer.refresh_core(vision_scores)
+    return layer
+
+
+def decode_update(policy: Policy, layer: LayerCache, probs: Tensor, refresh: bool) -> None:
+    """After a decode step's attention: accumulate heavy-hitter scores, evict, re-rank the core.
+
+    probs [B, Hq, M] are in the order of `layer.indices(refresh)`.
+    """
+    b, heads = layer.live.shape[:2]
+    evictable = probs[:, :, probs.shape[2] - layer.live.shape[2]:]  # [B, Hq, E]
+    layer.score.add_(evictable.unflatten(1, (heads, -1)).sum(2).to(layer.score.dtype))
+    if policy.budget.evicts:
+        layer.evict(policy.budget)
+    if refresh:
+        start = layer.system.shape[1]
+        layer.refresh_core(probs[:, :, start:start + layer.vision.shape[1]].mean(1))

@@ -1,0 +1,114 @@
+"""Generation: prefill once, then one decode step per token (optionally compiled)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from avl.cache.modal_cache import CacheStats, ModalCache
+from avl.cache.policies import Full, Policy
+
+
+class Generative(Protocol):
+    """What `generate` needs of a model: a prefill building the cache, a decode step using it."""
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
+                new_tokens: int) -> tuple[Tensor, ModalCache]: ...
+
+    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor: ...
+
+
+@dataclass
+class GenerationOutput:
+    """tokens [B, new] (after a sample's EOS: `pad_token_id`, or the EOS id); logits [B, new, vocab]
+    (next-token logits at each step, float32) when asked; stats: the cache accounting after the
+    last step."""
+
+    tokens: Tensor
+    logits: Tensor | None
+    stats: CacheStats
+
+
+def _check(name: str, ok: bool, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """Greedy argmax, or sampling with temperature and nucleus (top-p) filtering: logits [B, V] -> [B]."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token once the mass before it already reaches top_p; the most likely token always stays
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice)[:, 0]
+
+
+@torch.inference_mode()
+def generate(
+    model: Generative,
+    input_ids: Tensor,
+    pixel_values: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    policy: Policy | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    output_logits: bool = False,
+    compile: bool = False,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` tokens per sample.
+
+    input_ids / attention_mask [B, L] are left-padded (0 in the mask on padding); pixel_values
+    [N_images, 3, H, W] in the order the image placeholders appear. `policy` (default `Full()`)
+    decides what the cache keeps. With `compile=True` the decode step runs under
+    `torch.compile(fullgraph=True)`: one graph, plus a second one for a policy's refresh steps.
+    Generation stops early once every sample has produced an EOS id.
+    """
+    policy = policy if policy is not None else Full()
+    _check("input_ids", input_ids.dim() == 2 and input_ids.shape[1] > 0, "a [batch, length] tensor", tuple(input_ids.shape))
+    _check("max_new_tokens", isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an integer >= 1", max_new_tokens)
+    _check("temperature", temperature > 0, "> 0", temperature)
+    _check("top_p", 0 < top_p <= 1, "(0, 1]", top_p)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _check("attention_mask", attention_mask.shape == input_ids.shape, f"shape {tuple(input_ids.shape)}",
+           tuple(attention_mask.shape))
+    _check("attention_mask", bool((attention_mask[:, -1] == 1).all()), "left padding (last column all 1)",
+           "right-padded or empty rows")
+    eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                       else list(eos_token_id), device=input_ids.device, dtype=torch.long)
+    fill = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+
+    logits, cache = model.prefill(input_ids, attention_mask, pixel_values, policy, max_new_tokens)
+    step: Callable[..., Tensor] = model.decode
+    if compile:
+        step = torch.compile(model.decode, fullgraph=True, dynamic=False)
+    tokens, all_logits = [], []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for t in range(max_new_tokens):
+        if output_logits:
+            all_logits.append(logits.float())
+        token = sample_next(logits, do_sample, temperature, top_p, generator).masked_fill(done, fill)
+        tokens.append(token)
+        done |= torch.isin(token, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        refresh = policy.refresh_every is not None and (t + 1) % policy.refresh_every == 0
+        logits = step(token, cache, policy, refresh)
+    return GenerationOutput(
+        tokens=torch.stack(tokens, dim=1),
+        logits=torch.stack(all_logits, dim=1) if output_logits else None,
+        stats=cache.stats(),
+    )

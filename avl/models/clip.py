@@ -1,0 +1,132 @@
+"""CLIP vision tower (ViT-L/14 in LLaVA), returning the hidden states of one chosen layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avl.models.config import config_fields, require
+
+
+@dataclass(frozen=True)
+class ClipVisionConfig:
+    """The hub's `vision_config` of a CLIP vision model (field names as in `config.json`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        require(self.hidden_size % self.num_attention_heads == 0, "vision_config.hidden_size",
+                self.hidden_size, f"a multiple of num_attention_heads={self.num_attention_heads}")
+        require(self.image_size % self.patch_size == 0, "vision_config.image_size", self.image_size,
+                f"a multiple of patch_size={self.patch_size}")
+        require(self.hidden_act in ACTIVATIONS, "vision_config.hidden_act", self.hidden_act, sorted(ACTIVATIONS))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ClipVisionConfig:
+        return cls(**config_fields(cls, raw))
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ClipEncoderLayer(nn.Module):
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ClipMLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [N, P, C]
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class ClipVisionTower(nn.Module):
+    """CLIP ViT; `forward` returns the hidden states after `layer` ([N, 1 + P, C], CLS first).
+
+    Hidden state 0 is the embedding output (after `pre_layrnorm`), hidden state i the output
+    of encoder layer i; negative indices count from the end, as in transformers' `hidden_states`.
+    Layers after the requested one are not run. `post_layernorm` is kept for checkpoint
+    compatibility; LLaVA never applies it.
+    """
+
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the hub's name
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def hidden_state_index(self, layer: int) -> int:
+        n = self.config.num_hidden_layers + 1
+        require(-n <= layer < n, "vision_feature_layer", layer, f"[{-n}, {n - 1}]")
+        return layer % n
+
+    def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
+        stop = self.hidden_state_index(layer)
+        x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        for block in self.encoder["layers"][:stop]:
+            x = block(x)
+        return x

@@ -1,0 +1,140 @@
+"""LLaVA-1.5: CLIP vision tower -> two-layer GELU projector -> features at the image-token positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avl.cache.layout import PromptLayout
+from avl.cache.modal_cache import ModalCache
+from avl.cache.policies import Policy
+from avl.models.clip import ClipVisionConfig, ClipVisionTower
+from avl.models.config import require
+from avl.models.llama import LlamaConfig, LlamaModel
+
+# Checkpoint key prefix -> module prefix, first match wins: the llava-hf layout of transformers < 4.52
+# and the newer `model.*` layout.
+LLAVA_KEY_MAP = (
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("model.language_model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """A LLaVA `config.json` (model_type "llava")."""
+
+    vision: ClipVisionConfig
+    text: LlamaConfig
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    multimodal_projector_bias: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy",
+                self.vision_feature_select_strategy, ["default", "full"])
+        require(isinstance(self.vision_feature_layer, int), "vision_feature_layer", self.vision_feature_layer,
+                "a single layer index (an int)")
+        require(self.projector_hidden_act == "gelu", "projector_hidden_act", self.projector_hidden_act, ["gelu"])
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LlavaConfig:
+        text = dict(raw.get("text_config") or {})
+        text.setdefault("tie_word_embeddings", False)  # the hub's LLaVA checkpoints ship their own lm_head
+        image_token = raw.get("image_token_index", raw.get("image_token_id", 32000))
+        return cls(
+            vision=ClipVisionConfig.from_dict(raw.get("vision_config") or {}),
+            text=LlamaConfig.from_dict(text),
+            image_token_index=image_token,
+            projector_hidden_act=raw.get("projector_hidden_act", "gelu"),
+            vision_feature_layer=raw.get("vision_feature_layer", -2),
+            vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
+            multimodal_projector_bias=raw.get("multimodal_projector_bias", True),
+        )
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        """Feature positions per image: the patches, plus CLS with the `full` strategy."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: LlavaConfig) -> None:
+        super().__init__()
+        bias = cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size, bias=bias)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class Llava(nn.Module):
+    """LLaVA-1.5 (llava-hf layout). `prefill` / `decode` are the entry points `avl.generate` uses."""
+
+    key_map = LLAVA_KEY_MAP
+
+    def __init__(self, cfg: LlavaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = ClipVisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = LlamaModel(cfg.text)
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters a checkpoint may omit because they are tied to another one."""
+        if self.config.text.tie_word_embeddings:
+            return {"language_model.lm_head.weight": "language_model.embed_tokens.weight"}
+        return {}
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [N, 3, H, W] -> projected features [N, P, C_text]."""
+        hidden = self.vision_tower(pixel_values, self.config.vision_feature_layer)
+        if self.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]  # drop CLS
+        return self.multi_modal_projector(hidden)
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Token embeddings with image features written at the image-token positions, and that mask."""
+        image_mask = input_ids == self.config.image_token_index  # [B, L]
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        n_slots = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        per_image = self.config.image_tokens_per_image
+        if n_slots != n_images * per_image:
+            raise ValueError(
+                f"the prompt has {n_slots} image tokens (id {self.config.image_token_index}) but {n_images} image(s) "
+                f"give {n_images * per_image} features ({per_image} per image): expand each image placeholder to "
+                f"{per_image} image tokens, one per image"
+            )
+        if n_images:
+            features = self.image_features(pixel_values).to(embeds.dtype).flatten(0, 1)  # [N * P, C]
+            embeds = embeds.masked_scatter(image_mask[..., None], features)
+        return embeds, image_mask
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
+                new_tokens: int) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache."""
+        embeds, image_mask = self.embed(input_ids, pixel_values)
+        layout = PromptLayout.from_prompt(image_mask, attention_mask)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens)
+
+    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor:
+        return self.language_model.decode(token, cache, policy, refresh)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
