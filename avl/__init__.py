@@ -1,0 +1,27 @@
+"""avl: training-free adaptive attention (A-VL) and KV-cache policies for vision-language models.
+
+    import avl
+    model = avl.load("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)
+    out = avl.generate(model, input_ids, pixel_values=pixels, policy=avl.AVL(0.45, 0.30, 3, 0.9, 0.5))
+    out.tokens, out.stats.table()
+"""
+
+from avl.cache.modal_cache import CacheStats, LayerCache, ModalCache
+from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.generate import GenerationOutput, generate
+from avl.loading import load
+
+__all__ = [
+    "AVL",
+    "CacheStats",
+    "FastV",
+    "Full",
+    "GenerationOutput",
+    "H2O",
+    "LayerCache",
+    "ModalCache",
+    "Policy",
+    "StreamingLLM",
+    "generate",
+    "load",
+]

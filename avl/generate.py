@@ -10,6 +10,7 @@ from torch import Tensor
 
 from avl.cache.modal_cache import CacheStats, ModalCache
 from avl.cache.policies import Full, Policy
+from avl.models.layers import compute_dtype
 
 
 class Generative(Protocol):
@@ -24,7 +25,7 @@ class Generative(Protocol):
 @dataclass
 class GenerationOutput:
     """tokens [B, new] (after a sample's EOS: `pad_token_id`, or the EOS id); logits [B, new, vocab]
-    (next-token logits at each step, float32) when asked; stats: the cache accounting after the
+    (next-token logits at each step, float32, or float64 for a float64 model) when asked; stats: the cache accounting after the
     last step."""
 
     tokens: Tensor
@@ -99,13 +100,14 @@ def generate(
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for t in range(max_new_tokens):
         if output_logits:
-            all_logits.append(logits.float())
+            all_logits.append(logits.to(compute_dtype(logits.dtype)))
         token = sample_next(logits, do_sample, temperature, top_p, generator).masked_fill(done, fill)
         tokens.append(token)
         done |= torch.isin(token, eos)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        refresh = policy.refresh_every is not None and (t + 1) % policy.refresh_every == 0
+        interval = policy.refresh_interval()
+        refresh = interval is not None and (t + 1) % interval == 0
         logits = step(token, cache, policy, refresh)
     return GenerationOutput(
         tokens=torch.stack(tokens, dim=1),

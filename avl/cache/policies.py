@@ -55,12 +55,11 @@ class Policy:
         """(secondary, core) rows per sample [B], or None to keep and attend every image row."""
         return None
 
-    @property
-    def budget(self) -> Budget:
+    def eviction(self) -> Budget:
+        """The budget of the evictable rows."""
         return Budget()
 
-    @property
-    def refresh_every(self) -> int | None:
+    def refresh_interval(self) -> int | None:
         """Core refresh interval K: decode steps t with t % K == 0 attend all secondary rows."""
         return None
 
@@ -103,7 +102,7 @@ class AVL(Policy):
 
     secondary: float | None = None
     core: float | None = None
-    refresh_every_steps: int | None = None
+    refresh_every: int | None = None
     prefill_keep: float | None = None
     text_keep: float | None = None
     prefill_layer: int = 2
@@ -113,17 +112,17 @@ class AVL(Policy):
     def __post_init__(self) -> None:
         for name in ("secondary", "core", "prefill_keep", "text_keep"):
             _check_ratio(name, getattr(self, name))
-        _check_count("refresh_every", self.refresh_every_steps, 1)
+        _check_count("refresh_every", self.refresh_every, 1)
         _check_count("prefill_layer", self.prefill_layer, 1)
         _check_count("text_min_budget", self.text_min_budget, 1)
         if not 0.0 <= self.text_heavy_share <= 1.0:
             raise ValueError(f"text_heavy_share={self.text_heavy_share!r} is out of range; allowed: [0, 1]")
         if self.core is not None:
-            if self.secondary is None or self.refresh_every_steps is None:
+            if self.secondary is None or self.refresh_every is None:
                 raise ValueError("core is set but secondary or refresh_every is None; allowed: core only with both")
             if self.core > self.secondary:
                 raise ValueError(f"core={self.core!r} exceeds secondary={self.secondary!r}; allowed: core <= secondary")
-        elif self.refresh_every_steps is not None:
+        elif self.refresh_every is not None:
             raise ValueError("refresh_every is set but core is None; allowed: refresh_every only with core")
 
     def image_counts(self, n_image: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -133,15 +132,13 @@ class AVL(Policy):
         core = secondary if self.core is None else (n_image.to(torch.float64) * self.core).long()
         return secondary, core
 
-    @property
-    def budget(self) -> Budget:
+    def eviction(self) -> Budget:
         if self.text_keep is None:
             return Budget()
         return Budget(ratio=self.text_keep, minimum=self.text_min_budget, heavy_share=self.text_heavy_share)
 
-    @property
-    def refresh_every(self) -> int | None:
-        return self.refresh_every_steps
+    def refresh_interval(self) -> int | None:
+        return self.refresh_every
 
     def prune_keep(self, layer: int) -> float | None:
         return self.prefill_keep if layer == self.prefill_layer - 1 else None
@@ -180,20 +177,19 @@ class H2O(Policy):
     """Heavy-Hitter Oracle over all rows, per head: budget `int(budget * len)` rows, `heavy_share`
     of them by accumulated attention, the rest the most recent."""
 
-    budget_ratio: float = 0.5
+    budget: float = 0.5
     heavy_share: float = 0.25
 
     def __post_init__(self) -> None:
-        _check_ratio("budget", self.budget_ratio)
+        _check_ratio("budget", self.budget)
         if not 0.0 <= self.heavy_share <= 1.0:
             raise ValueError(f"heavy_share={self.heavy_share!r} is out of range; allowed: [0, 1]")
 
     def roles(self, layout: PromptLayout) -> Tensor:
         return torch.where(layout.valid, Role.EVICTABLE, Role.NONE)
 
-    @property
-    def budget(self) -> Budget:
-        return Budget(ratio=self.budget_ratio, heavy_share=self.heavy_share, rounding="floor")
+    def eviction(self) -> Budget:
+        return Budget(ratio=self.budget, heavy_share=self.heavy_share, rounding="floor")
 
     def scoring_queries(self, layout: PromptLayout) -> Tensor | None:
         return layout.valid
@@ -215,8 +211,7 @@ class StreamingLLM(Policy):
         roles = torch.where(order <= self.sinks, Role.PINNED, Role.EVICTABLE)
         return roles.masked_fill(~layout.valid, Role.NONE)
 
-    @property
-    def budget(self) -> Budget:
+    def eviction(self) -> Budget:
         return Budget(fixed=self.window)
 
 
@@ -263,7 +258,7 @@ def build_layer_cache(
     else:
         score = evict_scores.to(score_dtype).gather(2, evict_rows.clamp(min=0))
     seen = present[:, 0].sum(-1)  # [B]
-    budget = policy.budget
+    budget = policy.eviction()
     keep = present
     if budget.evicts:
         rows = budget.rows(seen)
@@ -311,8 +306,9 @@ def decode_update(policy: Policy, layer: LayerCache, probs: Tensor, refresh: boo
     b, heads = layer.live.shape[:2]
     evictable = probs[:, :, probs.shape[2] - layer.live.shape[2]:]  # [B, Hq, E]
     layer.score.add_(evictable.unflatten(1, (heads, -1)).sum(2).to(layer.score.dtype))
-    if policy.budget.evicts:
-        layer.evict(policy.budget)
+    budget = policy.eviction()
+    if budget.evicts:
+        layer.evict(budget)
     if refresh:
         start = layer.system.shape[1]
         layer.refresh_core(probs[:, :, start:start + layer.vision.shape[1]].mean(1))

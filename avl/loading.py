@@ -1,0 +1,46 @@
+"""`avl.load`: a checkpoint directory or hub id -> a ready model of the right family."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from avl.models.llava import Llava, LlavaConfig
+from avl.weights import KeyMap, load_checkpoint, read_config, resolve_checkpoint
+
+# config.json `model_type` -> (config class, model class)
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "llava": (LlavaConfig, Llava),
+}
+
+
+def load(
+    path_or_hub_id: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+) -> nn.Module:
+    """Load a model from a local checkpoint directory or a hub id, in the hub's own layout.
+
+    The family comes from `config.json`'s `model_type`. Weights are read from
+    `model.safetensors` or the shards of `model.safetensors.index.json` with the hub's key names,
+    memory-mapped, into a model built on the meta device (no second copy). `dtype=None` keeps the
+    checkpoint's dtype. Hub ids resolve through `huggingface_hub.snapshot_download`, offline from
+    the local cache when there is no network.
+    """
+    directory = resolve_checkpoint(path_or_hub_id, revision=revision)
+    raw = read_config(directory)
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{directory / 'config.json'} has model_type={model_type!r}, which avl does not support; "
+            f"supported: {sorted(FAMILIES)}"
+        )
+    config_cls, model_cls = FAMILIES[model_type]
+    config = config_cls.from_dict(raw)
+    with torch.device("meta"):
+        model = model_cls(config)
+    load_checkpoint(model, directory, KeyMap(model_cls.key_map), dtype=dtype, device=device, tied=model.tied_weights)
+    return model.eval()

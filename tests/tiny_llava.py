@@ -1,0 +1,56 @@
+"""Test helpers: tiny random LLaVA checkpoints written by transformers itself, prompts, fixtures path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+AVL_FIXTURES = Path(os.environ.get("AVL_REFERENCE_FIXTURES", SHARED / "fixtures" / "avl-reference"))
+
+IMAGE_TOKEN = 300
+PAD_TOKEN = 301
+
+
+def tiny_hf_llava_config(num_key_value_heads: int = 4, rope_theta: float = 10000.0, image_size: int = 48):
+    """A tiny LLaVA-1.5-shaped transformers config: CLIP 48 px / patch 12 -> 16 image tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=image_size, patch_size=12, projection_dim=32)
+    text = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=num_key_value_heads, rope_theta=rope_theta,
+                       max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, pad_token_id=PAD_TOKEN,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def save_hf_llava(directory: Path, seed: int = 0, max_shard_size: str | None = None, **config_kwargs):
+    """Random-init a transformers LlavaForConditionalGeneration in float64, save it, return it (eval)."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_hf_llava_config(**config_kwargs)).to(torch.float64).eval()
+    with torch.no_grad():  # transformers' init is tiny; widen it so logits differ clearly between tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return model
+
+
+def prompt_ids(n_before: int, n_after: int, n_image_tokens: int, seed: int) -> list[int]:
+    """Random text ids (avoiding special ids) around one expanded image placeholder."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 290, (n_before + n_after,), generator=g).tolist()
+    return [1, *text[:n_before], *[IMAGE_TOKEN] * n_image_tokens, *text[n_before:]]
+
+
+def left_pad(rows: list[list[int]], pad: int = PAD_TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
