@@ -20,7 +20,8 @@ POLICIES = ("full", "avl", "fastv", "h2o", "streaming")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    """The policy named by --policy with its fields; fields of other policies are an error."""
+    """The policy named by --policy with its fields. Raises ValueError for another policy's field
+    or a bad value."""
     fields = {
         "avl": {"secondary": args.secondary, "core": args.core, "refresh_every": args.refresh_every,
                 "prefill_keep": args.prefill_keep, "text_keep": args.text_keep, "prefill_layer": args.prefill_layer},
@@ -31,14 +32,10 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     for name, values in fields.items():
         stray = [k for k, v in values.items() if v is not None] if name != args.policy else []
         if stray:
-            raise SystemExit(f"avl: error: --{stray[0].replace('_', '-')} belongs to --policy {name}, "
-                             f"not --policy {args.policy}")
+            raise ValueError(f"--{stray[0].replace('_', '-')} belongs to --policy {name}, not --policy {args.policy}")
     given = {k: v for k, v in fields.get(args.policy, {}).items() if v is not None}
     cls = {"full": Full, "avl": AVL, "fastv": FastV, "h2o": H2O, "streaming": StreamingLLM}[args.policy]
-    try:
-        return cls(**given)
-    except ValueError as error:
-        raise SystemExit(f"avl: error: {error}") from None
+    return cls(**given)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--compile", action="store_true", help="run decode under torch.compile(fullgraph=True)")
         add_policy_options(sub)
     args = parser.parse_args(argv)
-    policy = policy_from_args(args)
+    try:
+        policy = policy_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     if args.command == "generate":
         if not Path(args.image).is_file():
             parser.error(f"--image {args.image!r}: no such file")

@@ -16,8 +16,9 @@ from avl.models.clip import ClipVisionConfig, ClipVisionTower
 from avl.models.config import require
 from avl.models.llama import LlamaConfig, LlamaModel
 
-# Checkpoint key prefix -> module prefix, first match wins: the llava-hf layout of transformers < 4.52
-# and the newer `model.*` layout.
+# Checkpoint key prefix -> module prefix, first match wins: the llava-hf hub layout
+# (`language_model.model.*`, `vision_tower.vision_model.*`) and the `model.*` layout of
+# transformers 4.52-4.57. transformers 5 saves `vision_tower.embeddings...`, our own names.
 LLAVA_KEY_MAP = (
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "language_model.lm_head."),
