@@ -1,0 +1,20 @@
+"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5 so far)."""
+
+from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_rgb
+from avl.processing.llava import LlavaProcessor
+from avl.processing.tiny_tokenizer import build_tiny_llama_tokenizer
+from avl.processing.tokenizer import Tokenizer
+
+__all__ = [
+    "LLAVA15_SYSTEM_PROMPT",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "ClipImageProcessor",
+    "LlavaProcessor",
+    "Tokenizer",
+    "build_tiny_llama_tokenizer",
+    "llava15_prompt",
+    "load_image",
+    "to_rgb",
+]
