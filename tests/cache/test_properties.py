@@ -1,0 +1,127 @@
+"""Hypothesis properties of ModalCache under every policy: counts, subsets, ranges, budgets, bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import avl
+from avl.cache.layout import Modality, PromptLayout
+from avl.cache.modal_cache import attend
+from avl.cache.policies import build_layer_cache, decode_update
+
+HEADS, DIM = 2, 4
+
+
+@st.composite
+def prompts(draw):
+    """A left-padded batch: per sample pads, system, image and text lengths."""
+    batch = draw(st.integers(1, 3))
+    n_image = draw(st.integers(4, 24))  # one image size per batch, as in LLaVA-1.5
+    rows = [(draw(st.integers(0, 4)), draw(st.integers(0, 5)), draw(st.integers(1, 12))) for _ in range(batch)]
+    width = max(s + n_image + t for _, s, t in rows)
+    image = torch.zeros(batch, width, dtype=torch.bool)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, (_, s, t) in enumerate(rows):
+        start = width - (s + n_image + t)
+        mask[b, start:] = 1
+        image[b, start + s:start + s + n_image] = True
+    return PromptLayout.from_prompt(image, mask)
+
+
+ratios = st.sampled_from([None, 0.25, 0.5, 0.9, 1.0])
+
+
+@st.composite
+def policies(draw):
+    kind = draw(st.sampled_from(["full", "avl", "h2o", "streaming"]))
+    if kind == "full":
+        return avl.Full()
+    if kind == "h2o":
+        return avl.H2O(budget=draw(st.sampled_from([0.3, 0.5, 1.0])), heavy_share=draw(st.sampled_from([0.0, 0.25, 0.5])))
+    if kind == "streaming":
+        return avl.StreamingLLM(sinks=draw(st.integers(0, 3)), window=draw(st.integers(1, 8)))
+    secondary = draw(ratios)
+    core = draw(st.sampled_from([None, 0.1, 0.25])) if secondary is not None else None
+    core = min(core, secondary) if core is not None else None
+    return avl.AVL(secondary=secondary, core=core, refresh_every=draw(st.integers(1, 3)) if core else None,
+                   text_keep=draw(ratios), text_min_budget=draw(st.integers(1, 4)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=prompts(), policy=policies(), steps=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, length = layout.modality.shape
+    k = torch.randn(b, HEADS, length, DIM, generator=g)
+    v = torch.randn(b, HEADS, length, DIM, generator=g)
+    image_scores = torch.rand(b, length, generator=g)
+    evict_scores = torch.rand(b, HEADS, length, generator=g)
+    n_image = layout.count(Modality.IMAGE)
+    cache = build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens=steps + 1)
+
+    for s in range(b):
+        tokens = torch.nonzero(layout.modality[s] == Modality.SYSTEM).flatten().tolist()
+        system_slots = cache.system[s][cache.system[s] >= 0].tolist()
+        if not isinstance(policy, (avl.H2O, avl.StreamingLLM)):
+            # system rows are never evicted, and they are exactly the rows before the image
+            assert torch.equal(k[s, :, tokens], cache.k[s, :, system_slots])
+        assert set(cache.core[s][cache.core[s] >= 0].tolist()) <= set(cache.vision[s][cache.vision[s] >= 0].tolist())
+        counts = policy.image_counts(n_image)
+        kept = int((cache.vision[s] >= 0).sum())
+        if counts is None:
+            assert kept == int(n_image[s]) or isinstance(policy, (avl.H2O, avl.StreamingLLM))
+        else:
+            assert kept == min(int(counts[0][s]), int(n_image[s]))
+            assert int((cache.core[s] >= 0).sum()) == min(int(counts[1][s]), kept)
+
+    budget = policy.eviction()
+    for step in range(steps + 1):
+        live = cache.live.sum(-1)  # [B, Hkv]
+        expected = budget.rows(cache.seen).clamp(max=cache.seen) if budget.evicts else cache.seen
+        assert torch.equal(live, expected[:, None].expand_as(live))
+        idx = cache.indices(refresh=step % 2 == 1)
+        assert int(idx.max()) < cache.k.shape[2] and int(idx.min()) >= -1
+        valid = idx[idx >= 0]
+        assert len(valid) > 0
+        assert cache.allocated_bytes() == 2 * cache.k.numel() * cache.k.element_size()
+        if step == steps:
+            break
+        q = torch.randn(b, HEADS, 1, DIM, generator=g)
+        k_new, v_new = torch.randn(2, b, HEADS, 1, DIM, generator=g)
+        refresh = policy.refresh_interval() is not None and (step + 1) % policy.refresh_interval() == 0
+        _, probs = attend(cache, q, k_new, v_new, layout.positions[:, -1] + 1 + step, refresh, DIM**-0.5)
+        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+        decode_update(policy, cache, probs, refresh)
+        assert set(cache.core[0][cache.core[0] >= 0].tolist()) <= set(cache.vision[0][cache.vision[0] >= 0].tolist())
+
+
+@settings(max_examples=40, deadline=None)
+@given(value=st.floats(-2, 3, allow_nan=False) | st.none())
+def test_ratio_validation_names_the_field(value):
+    ok = value is None or 0 < value <= 1
+    try:
+        avl.AVL(text_keep=value)
+    except ValueError as error:
+        assert not ok and "text_keep" in str(error) and "(0, 1]" in str(error)
+    else:
+        assert ok
+
+
+def test_policy_field_errors():
+    with pytest.raises(ValueError, match="core=0.5 exceeds secondary=0.25"):
+        avl.AVL(secondary=0.25, core=0.5, refresh_every=2)
+    with pytest.raises(ValueError, match="refresh_every=0"):
+        avl.AVL(secondary=0.5, core=0.25, refresh_every=0)
+    with pytest.raises(ValueError, match="core is set"):
+        avl.AVL(secondary=0.5, core=0.25)
+    with pytest.raises(ValueError, match="refresh_every is set but core is None"):
+        avl.AVL(secondary=0.5, refresh_every=2)
+    with pytest.raises(ValueError, match="keep=0"):
+        avl.FastV(keep=0)
+    with pytest.raises(ValueError, match="window=0"):
+        avl.StreamingLLM(window=0)
+    with pytest.raises(ValueError, match="prefill_layer=9 is out of range; allowed: \\[1, 3\\]"):
+        avl.AVL(prefill_keep=0.5, prefill_layer=9).check_layers(4)
