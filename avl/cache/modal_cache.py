@@ -13,7 +13,7 @@ compiled decode step never changes shape: evictions flip `live` and reuse slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -142,8 +142,10 @@ class LayerCache:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Rows are counted per sample and KV head, divided by the heads: a row is one token's K and V."""
+    """Rows are counted per sample and KV head, divided by the heads: a row is one token's K and V.
+    `kind` is "self" for a self-attention layer, "cross" for a cross-attention (image) layer."""
 
+    kind: str
     stored_rows: float
     stored_bytes: int
     allocated_bytes: int
@@ -161,27 +163,65 @@ class CacheStats:
 
     @property
     def total(self) -> LayerStats:
-        return LayerStats(*(sum(getattr(s, f.name) for s in self.layers) for f in fields(LayerStats)))
+        return self.sum("total", self.layers)
+
+    def total_of(self, kind: str) -> LayerStats:
+        """Sum over the layers of one kind ("self" or "cross")."""
+        return self.sum(kind, [s for s in self.layers if s.kind == kind])
+
+    @staticmethod
+    def sum(kind: str, layers: list[LayerStats]) -> LayerStats:
+        numbers = [f.name for f in fields(LayerStats) if f.name != "kind"]
+        return LayerStats(kind, *(sum(getattr(s, name) for s in layers) for name in numbers))
 
     def table(self) -> str:
-        """A plain-text table: one line per layer and the total, with % of the full cache."""
-        head = f"{'layer':>6} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9} {'%full':>6}"
+        """A plain-text table: one line per layer and the totals, with % of the full cache."""
+        head = (f"{'layer':>8} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9}"
+                f" {'%full':>6} {'full MB':>9}")
+        kinds = sorted({s.kind for s in self.layers})
+        rows = [(f"{'x' if s.kind == 'cross' else ''}{i}", s) for i, s in enumerate(self.layers)]
+        if len(kinds) > 1:
+            rows += [(f"{kind} all", self.total_of(kind)) for kind in kinds]
         lines = [head]
-        for name, s in [*((str(i), s) for i, s in enumerate(self.layers)), ("total", self.total)]:
+        for name, s in [*rows, ("total", self.total)]:
+            full = max(s.full_bytes, 1)
             lines.append(
-                f"{name:>6} {s.stored_rows:>12.1f} {s.stored_bytes / 2**20:>10.3f} {100 * s.stored_bytes / s.full_bytes:>6.1f}"
-                f" {s.used_rows:>10.1f} {s.used_bytes / 2**20:>9.3f} {100 * s.used_bytes / s.full_bytes:>6.1f}"
+                f"{name:>8} {s.stored_rows:>12.1f} {s.stored_bytes / 2**20:>10.3f} {100 * s.stored_bytes / full:>6.1f}"
+                f" {s.used_rows:>10.1f} {s.used_bytes / 2**20:>9.3f} {100 * s.used_bytes / full:>6.1f}"
+                f" {s.full_bytes / 2**20:>9.3f}"
             )
         return "\n".join(lines)
 
 
 @dataclass
+class CrossLayerCache:
+    """A cross-attention layer's K/V over the (possibly trimmed) image features, built once in prefill."""
+
+    k: Tensor  # [B, Hkv, N, D]
+    v: Tensor  # [B, Hkv, N, D]
+    valid: Tensor  # [B, N] feature row present (False on padding tiles and trimmed rows)
+    full_rows: Tensor  # [B] feature rows before trimming
+
+    def stats(self) -> LayerStats:
+        heads, per_row = self.k.shape[1], 2 * self.k.shape[-1] * self.k.element_size()
+        rows, full = int(self.valid.sum()), int(self.full_rows.sum())
+        allocated = self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return LayerStats("cross", rows, rows * heads * per_row, allocated, rows, rows * heads * per_row,
+                          full, full * heads * per_row)
+
+
+@dataclass
 class ModalCache:
-    """The whole cache of a generation: per-layer caches and the decode position of each sample."""
+    """The whole cache of a generation: per-layer caches and the decode position of each sample.
+
+    `cross` holds the cross-attention layers' image K/V of cross-attention models (Llama-3.2-Vision),
+    in layer order; it is empty for models that put image tokens in the sequence.
+    """
 
     layers: list[LayerCache]
     next_position: Tensor  # [B] rotary position of the next token
     full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
+    cross: list[CrossLayerCache] = field(default_factory=list)
 
     def advance(self) -> None:
         """After a decode step: the next token is one position further, the full cache one row longer."""
@@ -195,10 +235,10 @@ class ModalCache:
             stored, used = layer.stored_head_rows(), int(layer.used)
             full = int(self.full_rows.sum())
             out.append(LayerStats(
-                stored_rows=stored / heads, stored_bytes=stored * per_row, allocated_bytes=layer.allocated_bytes(),
+                kind="self", stored_rows=stored / heads, stored_bytes=stored * per_row, allocated_bytes=layer.allocated_bytes(),
                 used_rows=used / heads, used_bytes=used * per_row, full_rows=full, full_bytes=full * heads * per_row,
             ))
-        return CacheStats(out)
+        return CacheStats(out + [layer.stats() for layer in self.cross])
 
 
 def attend(layer: LayerCache, q: Tensor, k_new: Tensor, v_new: Tensor, position: Tensor, refresh: bool,
