@@ -23,35 +23,46 @@ from avl.ops import gathered_attention
 
 @dataclass(frozen=True)
 class Budget:
-    """How many rows an evictable region keeps after a step, given the rows it has seen.
+    """How many evictable rows survive a step, given the rows seen so far: heavy hitters (highest
+    accumulated attention) plus the most recent rows.
 
-    rows = max(ratio * seen (rounded half-to-even, or floored), minimum), or `fixed` rows;
-    `heavy_share` of them are the heavy hitters (highest accumulated attention), the rest the
-    most recent rows. `None` everywhere means no eviction.
+    - `ratio` (A-VL text): total = max(round(ratio * seen) (half to even), minimum), of which
+      floor(total * heavy_share) heavy and the rest recent;
+    - `ratio` with `split=True` (the H2O baseline as its authors ran it): heavy =
+      floor(ratio * heavy_share * seen) and recent = floor(ratio * (1 - heavy_share) * seen),
+      each floored separately;
+    - `fixed` (StreamingLLM): that many recent rows;
+    - neither: no eviction.
     """
 
     ratio: float | None = None
     fixed: int | None = None
     minimum: int = 0
     heavy_share: float = 0.0
-    rounding: str = "round"
+    split: bool = False
 
     @property
     def evicts(self) -> bool:
         return self.ratio is not None or self.fixed is not None
 
-    def rows(self, seen: Tensor) -> Tensor:
-        """Budget for `seen` [B] rows seen so far -> [B] int64."""
+    def counts(self, seen: Tensor) -> tuple[Tensor, Tensor]:
+        """(heavy, recent) rows to keep for `seen` [B] rows seen so far, each [B] int64."""
         if self.fixed is not None:
-            return torch.full_like(seen, self.fixed)
+            return torch.zeros_like(seen), torch.full_like(seen, self.fixed)
         if self.ratio is None:
-            return seen
-        scaled = seen.to(torch.float64) * self.ratio
-        scaled = scaled.round() if self.rounding == "round" else scaled.floor()
-        return scaled.long().clamp(min=self.minimum)
+            return torch.zeros_like(seen), seen
+        seen = seen.to(torch.float64)
+        if self.split:
+            heavy = (seen * self.ratio * self.heavy_share).floor()
+            return heavy.long(), (seen * self.ratio * (1 - self.heavy_share)).floor().long()
+        total = (seen * self.ratio).round().clamp(min=self.minimum)
+        heavy = (total * self.heavy_share).floor()
+        return heavy.long(), (total - heavy).long()
 
-    def heavy(self, rows: Tensor) -> Tensor:
-        return (rows.to(torch.float64) * self.heavy_share).floor().long()
+    def rows(self, seen: Tensor) -> Tensor:
+        """Rows kept in total for `seen` [B] rows seen, [B]."""
+        heavy, recent = self.counts(seen)
+        return heavy + recent
 
     def capacity(self, seen_final: int) -> int:
         """Slots that hold the region through a generation ending with `seen_final` rows seen."""
@@ -60,11 +71,11 @@ class Budget:
         return min(seen_final, int(self.rows(torch.tensor([seen_final]))[0]) + 1)
 
 
-def keep_heavy_and_recent(live: Tensor, time: Tensor, score: Tensor, rows: Tensor, heavy: Tensor) -> Tensor:
-    """H2O selection per head: the `rows - heavy` most recent live rows plus the `heavy` live rows
-    with the highest score among the others. live/time/score [B, H, E], rows/heavy [B].
-    Returns the keep mask [B, H, E]; keeps everything when the live count is within `rows`."""
-    recent = (rows - heavy)[:, None, None]
+def keep_heavy_and_recent(live: Tensor, time: Tensor, score: Tensor, heavy: Tensor, recent: Tensor) -> Tensor:
+    """H2O selection per head: the `recent` most recent live rows plus the `heavy` live rows with
+    the highest score among the others. live/time/score [B, H, E], heavy/recent [B].
+    Returns the keep mask [B, H, E]; keeps everything when the live count is within the sum."""
+    recent = recent[:, None, None]
     heavy = heavy[:, None, None]
     newest_first = torch.where(live, time, time.new_tensor(-1)).argsort(dim=-1, descending=True, stable=True)
     recency_rank = newest_first.argsort(dim=-1)
@@ -117,8 +128,7 @@ class LayerCache:
 
     def evict(self, budget: Budget) -> None:
         """Drop evictable rows over the budget (after the step's attention)."""
-        rows = budget.rows(self.seen)
-        keep = keep_heavy_and_recent(self.live, self.time, self.score, rows, budget.heavy(rows))
+        keep = keep_heavy_and_recent(self.live, self.time, self.score, *budget.counts(self.seen))
         self.live.copy_(keep)
 
     def refresh_core(self, image_probs: Tensor) -> None:

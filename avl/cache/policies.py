@@ -6,7 +6,7 @@ cache). It answers four questions, and `build_layer_cache` / `decode_update` do 
 - `roles(layout)`: which prompt rows are pinned (always attended), image rows subject to the
   secondary/core selection, or evictable under a `Budget`;
 - `image_counts(n_image)`: how many image rows each layer keeps (secondary) and computes (core);
-- `budget`: the eviction rule of the evictable rows;
+- `eviction()`: the `Budget` of the evictable rows;
 - `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer.
 """
 
@@ -174,8 +174,9 @@ class FastV(Policy):
 
 @dataclass(frozen=True)
 class H2O(Policy):
-    """Heavy-Hitter Oracle over all rows, per head: budget `int(budget * len)` rows, `heavy_share`
-    of them by accumulated attention, the rest the most recent."""
+    """Heavy-Hitter Oracle over all rows, per head, as the A-VL authors ran it: of the `len` rows
+    seen, `int(budget * heavy_share * len)` heavy hitters (accumulated attention) and
+    `int(budget * (1 - heavy_share) * len)` most recent rows are kept."""
 
     budget: float = 0.5
     heavy_share: float = 0.25
@@ -189,7 +190,7 @@ class H2O(Policy):
         return torch.where(layout.valid, Role.EVICTABLE, Role.NONE)
 
     def eviction(self) -> Budget:
-        return Budget(ratio=self.budget, heavy_share=self.heavy_share, rounding="floor")
+        return Budget(ratio=self.budget, heavy_share=self.heavy_share, split=True)
 
     def scoring_queries(self, layout: PromptLayout) -> Tensor | None:
         return layout.valid
@@ -261,8 +262,7 @@ def build_layer_cache(
     budget = policy.eviction()
     keep = present
     if budget.evicts:
-        rows = budget.rows(seen)
-        keep = keep_heavy_and_recent(present, time, score, rows, budget.heavy(rows))
+        keep = keep_heavy_and_recent(present, time, score, *budget.counts(seen))
     capacity = max(budget.capacity(int(s) + new_tokens) for s in seen)
     grow = max(capacity - present.shape[2], 0)
     keep, evict_rows, time, score = (F.pad(x, (0, grow), value=fill) for x, fill in

@@ -78,14 +78,14 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             assert int((cache.core[s] >= 0).sum()) == min(int(counts[1][s]), kept)
 
     budget = policy.eviction()
+    available = cache.seen[:, None].expand(-1, HEADS)  # rows that could be live: all seen, at prefill
     for step in range(steps + 1):
         live = cache.live.sum(-1)  # [B, Hkv]
-        expected = budget.rows(cache.seen).clamp(max=cache.seen) if budget.evicts else cache.seen
-        assert torch.equal(live, expected[:, None].expand_as(live))
+        # the budget is met exactly, unless fewer rows are available (evicted rows never come back)
+        expected = torch.minimum(budget.rows(cache.seen)[:, None], available) if budget.evicts else available
+        assert torch.equal(live, expected)
         idx = cache.indices(refresh=step % 2 == 1)
         assert int(idx.max()) < cache.k.shape[2] and int(idx.min()) >= -1
-        valid = idx[idx >= 0]
-        assert len(valid) > 0
         assert cache.allocated_bytes() == 2 * cache.k.numel() * cache.k.element_size()
         if step == steps:
             break
@@ -93,6 +93,7 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
         k_new, v_new = torch.randn(2, b, HEADS, 1, DIM, generator=g)
         refresh = policy.refresh_interval() is not None and (step + 1) % policy.refresh_interval() == 0
         _, probs = attend(cache, q, k_new, v_new, layout.positions[:, -1] + 1 + step, refresh, DIM**-0.5)
+        available = live + 1
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
         decode_update(policy, cache, probs, refresh)
         assert set(cache.core[0][cache.core[0] >= 0].tolist()) <= set(cache.vision[0][cache.vision[0] >= 0].tolist())

@@ -16,11 +16,6 @@ from safetensors.torch import load_file
 import avl
 from tiny_llava import AVL_FIXTURES
 
-# Runs whose semantics are not pinned yet: the authors' H2O baseline diverges from ours at the
-# first decode step (prefill logits agree). Tracked in the issue "A-VL and the baselines".
-KNOWN_DIFFERENT = {"h2o_50"}
-
-
 def policy_from_flags(flags: dict) -> avl.Policy:
     """The authors' flags -> our policy. Their rates are shares dropped; ours are shares kept."""
     if flags.get("all_use_h2o"):
@@ -49,9 +44,7 @@ def runs() -> list:
     params = []
     for folder in sorted(p for p in Path(AVL_FIXTURES).iterdir() if (p / "expected.json").exists()):
         for name, run in json.loads((folder / "expected.json").read_text())["runs"].items():
-            marks = [pytest.mark.xfail(strict=True, reason="H2O baseline semantics not pinned yet")] \
-                if name in KNOWN_DIFFERENT else []
-            params.append(pytest.param(folder, name, run["settings"], id=f"{folder.name}-{name}", marks=marks))
+            params.append(pytest.param(folder, name, run["settings"], id=f"{folder.name}-{name}"))
     return params
 
 
