@@ -95,12 +95,13 @@ def test_image_count_not_matching_the_image_tokens_fails_clearly(model, n_images
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", [avl.Full(), avl.AVL(0.5, 0.25, 3, 0.75, 0.5)], ids=["full", "avl"])
-def test_compiled_decode_has_no_graph_breaks_and_compiles_once_per_variant(model, policy):
+@pytest.mark.parametrize("policy,steps", [(avl.Full(), 32), (avl.AVL(0.45, 0.30, 3, 0.9, 0.5), 64)],
+                         ids=["full", "avl"])
+def test_compiled_decode_has_no_graph_breaks_and_compiles_once_per_variant(model, policy, steps):
     from torch._dynamo.utils import counters
 
     ids, mask = left_pad([prompt_ids(2, 4, 16, 0), prompt_ids(6, 5, 16, 1)])
-    kwargs = dict(pixel_values=pixels(2, 3), attention_mask=mask, policy=policy, max_new_tokens=33,
+    kwargs = dict(pixel_values=pixels(2, 3), attention_mask=mask, policy=policy, max_new_tokens=steps + 1,
                   output_logits=True)
     eager = avl.generate(model, ids, **kwargs)
     torch._dynamo.reset()
