@@ -51,6 +51,10 @@ class Policy:
         roles = roles.masked_fill(layout.modality == Modality.IMAGE, Role.IMAGE)
         return roles.masked_fill(~layout.valid, Role.NONE)
 
+    def selects_image_rows(self) -> bool:
+        """Whether `image_counts` ranks and drops image rows in every layer."""
+        return False
+
     def image_counts(self, n_image: Tensor) -> tuple[Tensor, Tensor] | None:
         """(secondary, core) rows per sample [B], or None to keep and attend every image row."""
         return None
@@ -75,7 +79,8 @@ class Policy:
         """Raise if the policy names a layer the model does not have."""
 
     def needs_image_scores(self, layer: int) -> bool:
-        return self.image_counts(torch.zeros(1, dtype=torch.long)) is not None or self.prune_keep(layer) is not None
+        """Whether prefill `layer` must score image rows by the last prompt token's attention."""
+        return self.selects_image_rows() or self.prune_keep(layer) is not None
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,9 @@ class AVL(Policy):
                 raise ValueError(f"core={self.core!r} exceeds secondary={self.secondary!r}; allowed: core <= secondary")
         elif self.refresh_every is not None:
             raise ValueError("refresh_every is set but core is None; allowed: refresh_every only with core")
+
+    def selects_image_rows(self) -> bool:
+        return self.secondary is not None
 
     def image_counts(self, n_image: Tensor) -> tuple[Tensor, Tensor] | None:
         if self.secondary is None:

@@ -45,9 +45,9 @@ class CachedDecoder(nn.Module):
         full_rows = layout.valid.sum(-1)
         next_position = layout.positions[:, -1] + 1
         caches: list[LayerCache] = []
+        cos, sin = self.rotary(layout.positions, h.dtype)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            cos, sin = self.rotary(layout.positions, h.dtype)
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
             image_scores = self._image_scores(q, k, layout, attn.scale) if policy.needs_image_scores(i) else None
@@ -57,6 +57,7 @@ class CachedDecoder(nn.Module):
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
+                cos, sin = self.rotary(layout.positions, h.dtype)
         logits = self.lm_head(self.norm(h[:, -1]))
         return logits, ModalCache(caches, next_position, full_rows)
 
