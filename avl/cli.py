@@ -1,4 +1,4 @@
-"""Command line: `avl generate` (a checkpoint, an image, a prompt) and `avl demo` (no downloads)."""
+"""Command line: `avl generate` (a checkpoint, an image, a prompt), `avl demo` (no downloads), `avl eval`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
 from avl.loading import load
 from avl.processing import LlavaProcessor, llava15_prompt
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="build a tiny RANDOM LLaVA-1.5 locally and run the whole pipeline")
     demo.add_argument("--out", help="where to write the tiny checkpoint (default: a temporary directory)")
     demo.add_argument("--prompt", default="What is shown in this image?")
+    add_eval_parser(commands)
 
     for sub in (gen, demo):
         sub.add_argument("--max-new-tokens", type=int, default=32)
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--compile", action="store_true", help="run decode under torch.compile(fullgraph=True)")
         add_policy_options(sub)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        sys.exit(run_eval(args))
     try:
         policy = policy_from_args(args)
     except ValueError as error:

@@ -1,0 +1,112 @@
+"""Per model family: the chat template around a task's text, and how lmms-eval treats the output.
+
+Keyed by ``config.json``'s ``model_type``. Sources (lmms-eval v0.2.0 model wrappers):
+
+* ``llava`` -- ``lmms_eval/models/llava.py`` (the original LLaVA code, ``conv_template="vicuna_v1"``):
+  the context becomes ``"<image>\\n" + text`` and goes through ``conv_vicuna_v1``, i.e.
+  ``"<system> USER: <image>\\n{text} ASSISTANT:"`` with LLaVA's system prompt; that is
+  :func:`avl.processing.llava15_prompt` with ``system=LLAVA15_SYSTEM_PROMPT``. The decoded text is
+  used as is (the wrapper neither strips it nor cuts it at ``until``: that code is commented out).
+  Images: the llava-v1.5 checkpoints lmms-eval loads set ``image_aspect_ratio: "pad"``, so images
+  are padded to a square with the mean colour before the CLIP preprocessing. Known difference:
+  LLaVA's ``tokenizer_image_token`` tokenizes the text after ``<image>`` as a separate chunk, so
+  its legacy sentencepiece tokenizer puts a ``"▁"`` token before the ``"\n"``; avl's processor
+  (as llava-hf's) tokenizes the prompt in one piece.
+* ``llava_next`` -- the same ``llava`` wrapper and template (its default ``conv_template``).
+  avl has no LLaVA-NeXT processor yet, so the entry says so when used.
+* ``qwen`` (Qwen-VL) -- ``lmms_eval/models/qwen_vl.py``: no chat template, Qwen's
+  ``from_list_format``: ``"Picture 1: <img>{image}</img>\\n{text}"``, the tasks' ``qwen_vl`` prompt
+  kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. avl has no
+  Qwen-VL model yet, so the entry says so when used.
+
+Adding a family = one :class:`Family` entry with a template and a processor factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaProcessor, llava15_prompt
+
+__all__ = ["FAMILIES", "Family", "Processor", "get_family"]
+
+QWEN_IMAGE = "{image}"  # where Qwen-VL's processor writes the image reference between <img> tags
+
+
+class Processor(Protocol):
+    """What the runner needs of a processor (``LlavaProcessor`` has it)."""
+
+    tokenizer: Any
+    pad_token_id: int | None
+
+    def __call__(self, prompts: Sequence[str], images: Sequence[Any]) -> dict[str, Any]: ...
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family is prompted and how its output is post-processed.
+
+    ``lmms_eval_model``: the lmms-eval model name that picks a task's prompt kwargs;
+    ``template``: task text -> full prompt with one image placeholder;
+    ``strip_output`` / ``cut_at_until``: what the lmms-eval wrapper does to the decoded text;
+    ``processor``: checkpoint directory -> processor, or None while avl lacks the family.
+    """
+
+    model_type: str
+    lmms_eval_model: str
+    template: Callable[[str], str]
+    strip_output: bool = False
+    cut_at_until: bool = False
+    processor: Callable[[Path], Processor] | None = None
+
+    def prompt(self, text: str) -> str:
+        return self.template(text)
+
+    def postprocess(self, text: str, until: Sequence[str]) -> str:
+        """The decoded text as the lmms-eval wrapper hands it to the task."""
+        if self.strip_output:
+            text = text.strip()
+        if self.cut_at_until:
+            for term in until:
+                if term:
+                    text = text.split(term)[0]
+        return text
+
+    def load_processor(self, directory: Path) -> Processor:
+        if self.processor is None:
+            raise NotImplementedError(
+                f"avl.eval knows the lmms-eval prompts of model_type {self.model_type!r}, but avl has no processor for "
+                "it yet; supported now: " + ", ".join(k for k, f in FAMILIES.items() if f.processor is not None))
+        return self.processor(directory)
+
+
+def vicuna_v1(text: str) -> str:
+    """LLaVA's ``conv_vicuna_v1`` with one image, as lmms-eval's llava wrapper builds it."""
+    return llava15_prompt(text, system=LLAVA15_SYSTEM_PROMPT)
+
+
+def qwen_vl_list_format(text: str) -> str:
+    """Qwen-VL ``tokenizer.from_list_format([{"image": ...}, {"text": text}])``."""
+    return f"Picture 1: <img>{QWEN_IMAGE}</img>\n{text}"
+
+
+def _llava_processor(directory: Path) -> Processor:
+    return LlavaProcessor.from_dir(directory, pad_to_square=True)
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("llava", "llava", vicuna_v1, processor=_llava_processor),
+    "llava_next": Family("llava_next", "llava", vicuna_v1),
+    "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, strip_output=True, cut_at_until=True),
+}
+
+
+def get_family(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise ValueError(f"no evaluation prompts for model_type {model_type!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
