@@ -12,11 +12,10 @@ import torch
 from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
-from avl.loading import load
+from avl.loading import DTYPES, load
 from avl.processing import LlavaProcessor, llava15_prompt
 from avl.weights import resolve_checkpoint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 POLICIES = ("full", "avl", "fastv", "h2o", "streaming")
 
 
@@ -59,7 +58,7 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
 def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy,
                  args: argparse.Namespace) -> None:
     directory = resolve_checkpoint(model_dir)
-    model = load(directory, dtype=DTYPES[args.dtype], device=args.device)
+    model = load(directory, dtype=args.dtype, device=args.device)
     processor = LlavaProcessor.from_dir(directory)
     inputs = processor(llava15_prompt(prompt), [image])
     out = generate(

@@ -10,6 +10,8 @@ from torch import nn
 from avl.models.llava import Llava, LlavaConfig
 from avl.weights import KeyMap, load_checkpoint, read_config, resolve_checkpoint
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
 # config.json `model_type` -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llava": (LlavaConfig, Llava),
@@ -18,7 +20,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
 
 def load(
     path_or_hub_id: str | os.PathLike[str],
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     revision: str | None = None,
 ) -> nn.Module:
@@ -27,9 +29,13 @@ def load(
     The family comes from `config.json`'s `model_type`. Weights are read from
     `model.safetensors` or the shards of `model.safetensors.index.json` with the hub's key names,
     memory-mapped, into a model built on the meta device (no second copy). `dtype=None` keeps the
-    checkpoint's dtype. Hub ids resolve through `huggingface_hub.snapshot_download`, offline from
+    checkpoint's dtype; a name ("float16", ...) or a torch dtype casts. Hub ids resolve through `huggingface_hub.snapshot_download`, offline from
     the local cache when there is no network.
     """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
     directory = resolve_checkpoint(path_or_hub_id, revision=revision)
     raw = read_config(directory)
     model_type = raw.get("model_type")

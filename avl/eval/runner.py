@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from avl.cache.policies import Full, Policy
@@ -40,14 +39,13 @@ from avl.eval.families import Family, Processor, get_family
 from avl.eval.results import SUMMARY_NAME, Record, ResultsStore, format_summary, merge_record, summarize
 from avl.eval.tasks import Task, get_task
 from avl.generate import Generative, generate
-from avl.loading import load
+from avl.loading import DTYPES, load
 from avl.weights import read_config, resolve_checkpoint
 
 __all__ = ["DTYPES", "EvalConfig", "LoadedModel", "evaluate", "load_for_eval", "model_identity", "policy_dict"]
 
 log = logging.getLogger("avl.eval")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PTB_BACKENDS = ("python", "java")
 
 
@@ -112,7 +110,7 @@ def load_for_eval(model: str, dtype: str = "float32", device: str = "cpu", famil
     """Load a checkpoint (directory or hub id) with the processor of its family."""
     model_id, fam, directory = model_identity(model, family)
     processor = fam.load_processor(directory)
-    net = load(directory, dtype=DTYPES[dtype], device=device)
+    net = load(directory, dtype=dtype, device=device)
     return LoadedModel(model_id, directory, net, processor, fam, dtype, device)
 
 
