@@ -2,8 +2,10 @@
 
 A family's language model subclasses `CachedDecoder` and provides `embed_tokens`, `layers`,
 `norm`, `lm_head` and `rotary(positions, dtype)`. Each layer has `input_layernorm`, a
-`self_attn` with `project(x, cos, sin) -> q, k, v`, `output(out)` and `scale`, and
-`finish(h, attn_out) -> h` (residual, MLP). The cache policies then work on the family unchanged.
+`self_attn` with `project(x, a, b) -> q, k, v`, `output(out)` and `scale`, and
+`finish(h, attn_out) -> h` (residual, MLP). The pair `(a, b)` that `rotary` returns is opaque to
+the loop and goes to `project` as is: cos and sin for Llama; Qwen's rotary table and logn query
+scale. The cache policies then work on the family unchanged.
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ class CachedDecoder(nn.Module):
     lm_head: nn.Linear
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, 1, L, D] for rotary positions [B, L]."""
+        """The position tables `project` takes for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
         raise NotImplementedError
+
+    def decode_rotary(self, cache: ModalCache, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of a decode step; a family whose tables depend on more than the position
+        (Qwen's dynamic NTK: the prompt's alpha, kept in its cache) overrides this."""
+        return self.rotary(cache.next_position[:, None], dtype)
 
     def prefill(self, h: Tensor, layout: PromptLayout, policy: Policy, new_tokens: int) -> tuple[Tensor, ModalCache]:
         """h [B, L, C] prompt embeddings (left-padded) -> next-token logits [B, V] and the cache."""
@@ -91,7 +98,7 @@ class CachedDecoder(nn.Module):
         """One decode step: token [B] -> logits [B, V]; updates the cache in place."""
         h = self.embed_tokens(token)[:, None]  # [B, 1, C]
         position = cache.next_position
-        cos, sin = self.rotary(position[:, None], h.dtype)
+        cos, sin = self.decode_rotary(cache, h.dtype)
         for layer, layer_cache in zip(self.layers, cache.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)

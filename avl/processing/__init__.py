@@ -1,8 +1,15 @@
-"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5 so far)."""
+"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, Qwen-VL)."""
 
 from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
 from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_rgb
 from avl.processing.llava import LlavaProcessor
+from avl.processing.qwen_vl import (
+    QwenTokenizer,
+    QwenVLImageProcessor,
+    QwenVLProcessor,
+    qwen_chat_prompt,
+    qwen_vl_query,
+)
 from avl.processing.tiny_tokenizer import build_tiny_llama_tokenizer
 from avl.processing.tokenizer import Tokenizer
 
@@ -12,9 +19,14 @@ __all__ = [
     "OPENAI_CLIP_STD",
     "ClipImageProcessor",
     "LlavaProcessor",
+    "QwenTokenizer",
+    "QwenVLImageProcessor",
+    "QwenVLProcessor",
     "Tokenizer",
     "build_tiny_llama_tokenizer",
     "llava15_prompt",
     "load_image",
+    "qwen_chat_prompt",
+    "qwen_vl_query",
     "to_rgb",
 ]
