@@ -14,10 +14,12 @@ from avl.models.layers import compute_dtype
 
 
 class Generative(Protocol):
-    """What `generate` needs of a model: a prefill building the cache, a decode step using it."""
+    """What `generate` needs of a model: a prefill building the cache, a decode step using it.
+    A model whose images need more than pixels (LLaVA-NeXT's `image_sizes`, Llama-3.2-Vision's
+    aspect ratios and cross-attention mask) takes them as keyword arguments of `prefill`."""
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int) -> tuple[Tensor, ModalCache]: ...
+                new_tokens: int, **image_inputs: Tensor) -> tuple[Tensor, ModalCache]: ...
 
     def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor: ...
 
@@ -68,13 +70,18 @@ def generate(
     output_logits: bool = False,
     compile: bool = False,
     generator: torch.Generator | None = None,
+    **image_inputs: Tensor,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens per sample.
 
     input_ids / attention_mask [B, L] are left-padded (0 in the mask on padding); pixel_values
-    [N_images, 3, H, W] in the order the image placeholders appear. `policy` (default `Full()`)
-    decides what the cache keeps. With `compile=True` the decode step runs under
-    `torch.compile(fullgraph=True)`: one graph, plus a second one for a policy's refresh steps.
+    [N_images, 3, H, W] in the order the image placeholders appear. `image_inputs` are the other
+    image tensors of a family, by transformers' names, as its processor returns them: LLaVA-NeXT's
+    `image_sizes` [N_images, 2] (height, width, with pixel_values [N_images, tiles, 3, H, W]);
+    Llama-3.2-Vision's `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`.
+    `policy` (default `Full()`) decides what the cache keeps. With `compile=True` the decode step
+    runs under `torch.compile(fullgraph=True)`: one graph, plus a second one for a policy's
+    refresh steps.
     Generation stops early once every sample has produced an EOS id.
     """
     policy = policy if policy is not None else Full()
@@ -92,7 +99,7 @@ def generate(
                        else list(eos_token_id), device=input_ids.device, dtype=torch.long)
     fill = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
 
-    logits, cache = model.prefill(input_ids, attention_mask, pixel_values, policy, max_new_tokens)
+    logits, cache = model.prefill(input_ids, attention_mask, pixel_values, policy, max_new_tokens, **image_inputs)
     step: Callable[..., Tensor] = model.decode
     if compile:
         step = torch.compile(model.decode, fullgraph=True, dynamic=False)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from avl.models.llava import Llava, LlavaConfig
+from avl.models.llava_next import LlavaNext, LlavaNextConfig
 from avl.models.qwen_vl import QwenVL, QwenVLConfig
 from avl.weights import KeyMap, load_checkpoint, read_config, resolve_checkpoint
 
@@ -16,6 +17,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # config.json `model_type` -> (config class, model class)
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llava": (LlavaConfig, Llava),
+    "llava_next": (LlavaNextConfig, LlavaNext),
     "qwen": (QwenVLConfig, QwenVL),
 }
 

@@ -1,8 +1,10 @@
-"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, Qwen-VL)."""
+"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, LLaVA-NeXT, Qwen-VL)."""
 
+from avl.processing.anyres import LlavaNextImageProcessor
 from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
 from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_rgb
 from avl.processing.llava import LlavaProcessor
+from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
 from avl.processing.qwen_vl import (
     QwenTokenizer,
     QwenVLImageProcessor,
@@ -18,6 +20,8 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ClipImageProcessor",
+    "LlavaNextImageProcessor",
+    "LlavaNextProcessor",
     "LlavaProcessor",
     "QwenTokenizer",
     "QwenVLImageProcessor",
@@ -25,6 +29,7 @@ __all__ = [
     "Tokenizer",
     "build_tiny_llama_tokenizer",
     "llava15_prompt",
+    "llava_next_prompt",
     "load_image",
     "qwen_chat_prompt",
     "qwen_vl_query",

@@ -1,0 +1,217 @@
+"""LLaVA-1.6 / LLaVA-NeXT: LLaVA-1.5's tower, projector and decoder, with anyres image tiling.
+
+Each image arrives as tiles [n_tiles, 3, 336, 336] (the whole image squashed to one base tile,
+then a rows x cols grid of its best-fitting resolution; `avl.processing.anyres`). Every tile
+goes through CLIP and the projector like a LLaVA-1.5 image. The image's features are then the
+base tile's features, followed by the grid's features arranged as one map, with the rows (or
+columns) that only cover the padding around the image cut off and the learned `image_newline`
+vector appended at the end of each row. So the number of image tokens depends on the image's
+size, and samples of one batch may have different counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from avl.cache.layout import PromptLayout
+from avl.cache.modal_cache import ModalCache
+from avl.cache.policies import Policy
+from avl.models.config import require
+from avl.models.llava import LLAVA_KEY_MAP, Llava, LlavaConfig
+from avl.processing.anyres import (
+    DEFAULT_GRID_PINPOINTS,
+    Size,
+    check_grid_pinpoints,
+    check_image_size,
+    grid_shape,
+    num_image_tokens,
+    num_tiles,
+    unpadded_window,
+)
+
+# LLaVA's table plus the newline vector: `image_newline` (llava-hf layout, kept as is) and
+# `model.image_newline` (transformers 4.52-4.57 layout).
+LLAVA_NEXT_KEY_MAP = (("model.image_newline", "image_newline"), *LLAVA_KEY_MAP)
+
+# transformers' MistralConfig default, in force when a Mistral text_config omits the field
+MISTRAL_SLIDING_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class LlavaNextConfig(LlavaConfig):
+    """A LLaVA-NeXT `config.json` (model_type "llava_next").
+
+    image_grid_pinpoints: the anyres grid resolutions, (height, width), multiples of the vision
+    tile. image_seq_length: the base tile's token count (informational). sliding_window: a
+    Mistral text model's attention window; avl runs full attention, which is the same as long
+    as prompt + generated tokens fit in the window (checked in `prefill`).
+    """
+
+    image_grid_pinpoints: tuple[Size, ...] = DEFAULT_GRID_PINPOINTS
+    image_seq_length: int = 576
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # "full" keeps CLS per tile, which the tile grid cannot be arranged with (transformers fails too)
+        require(self.vision_feature_select_strategy == "default", "vision_feature_select_strategy",
+                self.vision_feature_select_strategy, ["default"])
+        object.__setattr__(self, "image_grid_pinpoints",
+                           check_grid_pinpoints(self.image_grid_pinpoints, self.vision.image_size))
+        require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window >= 1),
+                "text_config.sliding_window", self.sliding_window, "None or an int >= 1")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LlavaNextConfig:
+        text = raw.get("text_config") or {}
+        text_type = text.get("model_type", "llama")
+        require(text_type in ("llama", "mistral"), "text_config.model_type", text_type, ["llama", "mistral"])
+        base = LlavaConfig.from_dict(raw)
+        sliding = text.get("sliding_window", MISTRAL_SLIDING_WINDOW) if text_type == "mistral" else None
+        return cls(
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(LlavaConfig)},
+            image_grid_pinpoints=_or_default(raw.get("image_grid_pinpoints"), DEFAULT_GRID_PINPOINTS),
+            image_seq_length=_or_default(raw.get("image_seq_length"), 576),
+            sliding_window=sliding,
+        )
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+class LlavaNext(Llava):
+    """LLaVA-NeXT (llava-hf layout). `prefill` takes `image_sizes` [N_images, 2] (height, width)."""
+
+    key_map = LLAVA_NEXT_KEY_MAP
+
+    def __init__(self, cfg: LlavaNextConfig) -> None:
+        super().__init__(cfg)
+        self.config: LlavaNextConfig = cfg
+        self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
+
+    def num_image_tokens(self, image_size: Size) -> int:
+        """Image tokens of an image of (height, width) `image_size`."""
+        vision = self.config.vision
+        return num_image_tokens(image_size, self.config.image_grid_pinpoints, vision.image_size, vision.patch_size)
+
+    def num_tiles(self, image_size: Size) -> int:
+        """Tiles of an image of (height, width) `image_size`, the base tile included."""
+        return num_tiles(image_size, self.config.image_grid_pinpoints, self.config.vision.image_size)
+
+    def packed_image_features(self, pixel_values: Tensor, image_sizes: Sequence[Size]) -> list[Tensor]:
+        """pixel_values [N, T, 3, S, S] (zero tiles after each image's own) -> per image [n_i, C_text]."""
+        counts = [self.num_tiles(size) for size in image_sizes]
+        tiles = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts)])  # [sum n_i, 3, S, S]
+        features = self.image_features(tiles)  # [sum n_i, P, C]
+        return [self.pack(f, size) for f, size in zip(features.split(counts), image_sizes)]
+
+    def pack(self, tile_features: Tensor, image_size: Size) -> Tensor:
+        """One image's tile features [n_tiles, P, C] -> its image tokens [n, C]: base tile, then the
+        unpadded grid map row by row, each row followed by `image_newline`."""
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        rows, cols = grid_shape(image_size, self.config.image_grid_pinpoints, self.config.vision.image_size)
+        base, grid = tile_features[0], tile_features[1:]  # [P, C], [rows * cols, P, C]
+        grid = grid.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)  # [rows, side, cols, side, C]
+        grid = grid.reshape(rows * side, cols * side, -1)  # one feature map [H, W, C]
+        r0, r1, c0, c1 = unpadded_window(image_size, (rows * side, cols * side))
+        grid = grid[r0:r1, c0:c1]  # [h, w, C]
+        newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, -1)  # [h, 1, C]
+        return torch.cat([base, torch.cat([grid, newline], dim=1).flatten(0, 1)])  # [P + h * (w + 1), C]
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None,
+              image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, Tensor]:
+        """Token embeddings with each image's features at its image-token positions, and that mask [B, L]."""
+        image_mask = input_ids == self.config.image_token_index  # [B, L]
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is None and image_sizes is not None:
+            raise ValueError("image_sizes was given without pixel_values; pass both, or neither for a text-only prompt")
+        sizes = [] if pixel_values is None else self._image_sizes(pixel_values, image_sizes)
+        lengths = [self.num_image_tokens(size) for size in sizes]
+        self._check_image_tokens(image_mask, lengths, sizes)
+        if sizes:
+            features = torch.cat(self.packed_image_features(pixel_values, sizes)).to(embeds.dtype)  # [sum n_i, C]
+            embeds = embeds.masked_scatter(image_mask[..., None], features)
+        return embeds, image_mask
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
+                new_tokens: int, *, image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache.
+
+        pixel_values [N_images, T, 3, S, S] and image_sizes [N_images, 2] (height, width) as
+        `LlavaNextImageProcessor` returns them, images in the order of their tokens in the batch.
+        """
+        self._check_sliding_window(attention_mask, new_tokens)
+        embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes)
+        layout = PromptLayout.from_prompt(image_mask, attention_mask)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens)
+
+    def _image_sizes(self, pixel_values: Tensor, image_sizes: Tensor | Sequence[Size] | None) -> list[Size]:
+        """Check pixel_values against image_sizes; the sizes as (height, width) ints."""
+        side = self.config.vision.image_size
+        if pixel_values.dim() != 5 or pixel_values.shape[2:] != (self.config.vision.num_channels, side, side):
+            raise ValueError(
+                f"pixel_values must be [N_images, tiles, {self.config.vision.num_channels}, {side}, {side}] "
+                f"(LlavaNextImageProcessor's layout), got shape {tuple(pixel_values.shape)}"
+            )
+        n_images, n_tiles = pixel_values.shape[:2]
+        if image_sizes is None:
+            raise ValueError(
+                f"image_sizes is required with pixel_values: [{n_images}, 2], the (height, width) of each original "
+                "image, as LlavaNextImageProcessor returns it"
+            )
+        sizes_t = torch.as_tensor(image_sizes)
+        if sizes_t.shape != (n_images, 2) or sizes_t.is_floating_point() or sizes_t.is_complex():
+            raise ValueError(
+                f"image_sizes must be an integer tensor [{n_images}, 2] (height, width) for the {n_images} image(s) "
+                f"of pixel_values, got {sizes_t.dtype} shape {tuple(sizes_t.shape)}"
+            )
+        sizes = [check_image_size(size) for size in sizes_t.tolist()]
+        for i, size in enumerate(sizes):
+            needed = self.num_tiles(size)
+            if needed > n_tiles:
+                raise ValueError(
+                    f"image {i} of size {size} (height, width) needs {needed} tiles (1 base + the grid of its best "
+                    f"resolution) but pixel_values has {n_tiles} tiles per image"
+                )
+        return sizes
+
+    def _check_image_tokens(self, image_mask: Tensor, lengths: list[int], sizes: list[Size]) -> None:
+        """Each sample's image tokens must be exactly the features of whole images, in order."""
+        per_sample = image_mask.sum(-1).tolist()
+        n_tokens, n_features = sum(per_sample), sum(lengths)
+        if n_tokens != n_features:
+            raise ValueError(
+                f"the prompt has {n_tokens} image tokens (id {self.config.image_token_index}) but {len(lengths)} "
+                f"image(s) give {n_features} features (per image: {lengths}, sizes {sizes}): expand each image "
+                "placeholder to its own image's count (LlavaNextProcessor does)"
+            )
+        ends = {0, *itertools.accumulate(lengths)}  # feature index after each whole image
+        done = 0
+        for b, n in enumerate(per_sample):
+            done += n
+            if done not in ends:
+                raise ValueError(
+                    f"sample {b}'s image tokens end at image feature {done}, inside an image: the images in order "
+                    f"give {lengths} features each, so the samples' image-token counts {per_sample} do not split "
+                    "them into whole images"
+                )
+
+    def _check_sliding_window(self, attention_mask: Tensor, new_tokens: int) -> None:
+        window = self.config.sliding_window
+        if window is None:
+            return
+        longest = int(attention_mask.sum(-1).max()) + new_tokens
+        if longest > window:
+            raise ValueError(
+                f"prompt ({longest - new_tokens} tokens) + new tokens ({new_tokens}) = {longest} exceeds the text "
+                f"model's sliding_window={window}; avl attends over the full sequence, which equals sliding-window "
+                "attention only within the window"
+            )
