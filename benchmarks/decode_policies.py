@@ -1,0 +1,171 @@
+"""Decode-step time and KV bytes of every cache policy against the full cache, side by side.
+
+Part 1 (measured): a Llama decoder with LLaVA-1.5-7B layer shapes (hidden 4096, 32 heads,
+head_dim 128, MLP 11008) but `--layers` layers (default 4) and random weights, on a prompt of
+1 system + 576 image + 40 text tokens (image rows are marked as such; the vision tower is not
+part of decode). Every policy prefills the prompt once; its cache is repeated to each batch size
+(a batch of equal prompts), then decode steps are timed (median of `--steps` after `--warmup`). At batch 1 the weights dominate the bytes read per
+step; the policies show at larger batch.
+
+Part 2 (computed, no weights allocated): the paper's Table-3 settings on the real LLaVA-1.5-7B
+(576 image tokens) and LLaVA-1.6-7B (2880) configs: a model with the real layer count and prompt
+layout but tiny widths runs the policies; its cache rows are scaled to the real per-row bytes
+(2 * 32 KV heads * 128 * 2 bytes, float16).
+
+Usage: python benchmarks/decode_policies.py [--batch 1 8 32] [--layers 4] [--steps 8]
+[--dtype float32] [--device cpu] [--out benchmarks/results/decode_policies.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import avl
+from avl.cache.layout import Modality, PromptLayout
+from avl.models.llama import LlamaConfig, LlamaModel
+
+POLICIES = {
+    "full": avl.Full(),
+    "avl S45 C30 K3 P90 T50": avl.AVL(0.45, 0.30, 3, 0.9, 0.5),
+    "avl S45 (no split)": avl.AVL(secondary=0.45),
+    "fastv K2 R50": avl.FastV(layer=2, keep=0.5),
+    "h2o 50%": avl.H2O(budget=0.5),
+    "streaming 4+256": avl.StreamingLLM(sinks=4, window=256),
+}
+TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%")}
+
+
+def prompt_layout(batch: int, n_image: int, n_text: int, device: torch.device) -> PromptLayout:
+    """1 system token, the image tokens, then text: the LLaVA-1.5 prompt shape."""
+    length = 1 + n_image + n_text
+    image = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    image[:, 1:1 + n_image] = True
+    return PromptLayout.from_prompt(image, torch.ones(batch, length, dtype=torch.long, device=device))
+
+
+def random_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaModel(cfg).to(dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model.eval()
+
+
+def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
+    """The cache of one prompt, repeated for `batch` identical prompts (the prefill at batch 1 is
+    what a batch of equal prompts would build; it saves minutes of CPU prefill)."""
+    def rep(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(batch, dim=0) if x.dim() else x.clone()
+    layers = [type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)}) for layer in cache.layers]
+    return avl.ModalCache(layers, rep(cache.next_position), rep(cache.full_rows))
+
+
+@torch.inference_mode()
+def run_policy(model: LlamaModel, layout: PromptLayout, policy: avl.Policy, steps: int, warmup: int,
+               timed: bool, batch: int = 1) -> dict:
+    length = layout.modality.shape[1]
+    embeds = torch.randn(1, length, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
+                         device=layout.modality.device)
+    logits, cache = model.prefill(embeds, layout, policy, new_tokens=warmup + steps + 1)
+    cache = repeat_batch(cache, batch)
+    token = logits.argmax(-1).repeat(batch)
+    times = []
+    interval = policy.refresh_interval()
+    for t in range(warmup + steps):
+        refresh = interval is not None and (t + 1) % interval == 0
+        start = time.perf_counter()
+        token = model.decode(token, cache, policy, refresh).argmax(-1)
+        if layout.modality.device.type == "cuda":
+            torch.cuda.synchronize()
+        if t >= warmup:
+            times.append(time.perf_counter() - start)
+    total = cache.stats().total
+    return {
+        "step_ms": 1e3 * statistics.median(times) if timed and times else None,
+        "stored_bytes": total.stored_bytes, "used_bytes": total.used_bytes, "full_bytes": total.full_bytes,
+        "allocated_bytes": total.allocated_bytes,
+    }
+
+
+def measured(args: argparse.Namespace) -> list[dict]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                      num_attention_heads=32)
+    model = random_model(cfg, dtype, device)
+    rows = []
+    layout = prompt_layout(1, 576, 40, device)
+    for batch in args.batch:
+        results = {name: run_policy(model, layout, p, args.steps, args.warmup, True, batch)
+                   for name, p in POLICIES.items()}
+        full = results["full"]
+        for name, r in results.items():
+            rows.append({"batch": batch, "policy": name, **r, "speedup_vs_full": full["step_ms"] / r["step_ms"],
+                         "stored_vs_full": r["stored_bytes"] / full["stored_bytes"],
+                         "used_vs_full": r["used_bytes"] / full["used_bytes"]})
+    return rows
+
+
+def table3(new_tokens: int) -> list[dict]:
+    """Cache bytes of the Table-3 settings on the real 7B configs, from a tiny-width stand-in."""
+    real_row_bytes = 2 * 32 * 128 * 2  # K and V, 32 KV heads, head_dim 128, float16
+    tiny = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=32,
+                       num_attention_heads=1)
+    model = random_model(tiny, torch.float32, torch.device("cpu"))
+    tiny_row_bytes = 2 * 1 * 32 * 4
+    rows = []
+    for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880)):
+        layout = prompt_layout(1, n_image, 40, torch.device("cpu"))
+        for policy_name, policy in TABLE3.items():
+            r = run_policy(model, layout, policy, new_tokens - 1, 0, False)
+            scale = real_row_bytes / tiny_row_bytes
+            rows.append({"model": name, "policy": policy_name, "new_tokens": new_tokens,
+                         **{k: int(v * scale) for k, v in r.items() if k.endswith("bytes")},
+                         "stored_pct": 100 * r["stored_bytes"] / r["full_bytes"],
+                         "used_pct": 100 * r["used_bytes"] / r["full_bytes"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--table3-tokens", type=int, default=32, help="generated tokens for the Table-3 bytes")
+    parser.add_argument("--out", default="benchmarks/results/decode_policies.json")
+    args = parser.parse_args()
+
+    t3 = table3(args.table3_tokens)
+    print(f"Table 3 settings, KV cache after {args.table3_tokens} generated tokens (float16, real 7B shapes):")
+    print(f"{'model':<14} {'policy':<24} {'stored MB':>10} {'stored %':>9} {'used MB':>9} {'used %':>7}")
+    for r in t3:
+        print(f"{r['model']:<14} {r['policy']:<24} {r['stored_bytes'] / 2**20:>10.1f} {r['stored_pct']:>9.1f}"
+              f" {r['used_bytes'] / 2**20:>9.1f} {r['used_pct']:>7.1f}")
+
+    rows = measured(args)
+    print(f"\nDecode step, LLaVA-1.5-7B layer shapes x {args.layers} layers, {args.dtype} on {args.device}"
+          f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads):")
+    print(f"{'batch':>5} {'policy':<24} {'step ms':>9} {'speedup':>8} {'stored %':>9} {'used %':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['policy']:<24} {r['step_ms']:>9.1f} {r['speedup_vs_full']:>8.2f}"
+              f" {100 * r['stored_vs_full']:>9.1f} {100 * r['used_vs_full']:>7.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "layers": args.layers,
+                               "threads": torch.get_num_threads(), "measured": rows, "table3": t3}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
