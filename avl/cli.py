@@ -13,7 +13,7 @@ from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
 from avl.loading import DTYPES, load
-from avl.processing import LlavaProcessor, llava15_prompt
+from avl.processing.auto import load_chat_processor
 from avl.weights import resolve_checkpoint
 
 POLICIES = ("full", "avl", "fastv", "h2o", "streaming")
@@ -59,13 +59,10 @@ def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: 
                  args: argparse.Namespace) -> None:
     directory = resolve_checkpoint(model_dir)
     model = load(directory, dtype=args.dtype, device=args.device)
-    processor = LlavaProcessor.from_dir(directory)
-    inputs = processor(llava15_prompt(prompt), [image])
-    out = generate(
-        model, inputs["input_ids"].to(args.device), pixel_values=inputs["pixel_values"].to(args.device),
-        attention_mask=inputs["attention_mask"].to(args.device), policy=policy, max_new_tokens=args.max_new_tokens,
-        eos_token_id=processor.tokenizer.eos_token_id, compile=args.compile,
-    )
+    processor = load_chat_processor(directory)
+    inputs = {k: v.to(args.device) for k, v in processor([prompt], [image]).items()}
+    out = generate(model, **inputs, policy=policy, max_new_tokens=args.max_new_tokens,
+                   eos_token_id=list(processor.stop_token_ids), compile=args.compile)
     print(f"answer: {processor.decode(out.tokens[0])}")
     print(f"\npolicy: {policy}\nKV cache after the last step (rows per sample and KV head; MB for the batch):")
     print(out.stats.table())
@@ -76,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer a prompt about an image")
-    gen.add_argument("--model", required=True, help="checkpoint directory or hub id (llava-hf layout)")
+    gen.add_argument("--model", required=True,
+                     help="checkpoint directory or hub id (LLaVA-1.5, LLaVA-NeXT, Qwen-VL in the hub's layouts)")
     gen.add_argument("--image", required=True, help="image file")
     gen.add_argument("--prompt", required=True)
 

@@ -13,16 +13,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
 
 from avl.processing.chat import IMAGE_TOKEN
-from avl.processing.image import ClipImageProcessor, load_image
+from avl.processing.image import ClipImageProcessor, ImageLike, load_image
 from avl.processing.tokenizer import Tokenizer
 
-ImageLike = Union[Image.Image, str, os.PathLike]
 
 
 class LlavaProcessor:

@@ -27,7 +27,8 @@ from PIL import Image
 from avl.processing.anyres import LlavaNextImageProcessor, Size, check_image_size
 from avl.processing.chat import IMAGE_TOKEN, llava15_prompt
 from avl.processing.image import load_image
-from avl.processing.llava import ImageLike, LlavaProcessor, _read_optional_json
+from avl.processing.image import ImageLike
+from avl.processing.llava import LlavaProcessor, _read_optional_json
 from avl.processing.tokenizer import Tokenizer
 
 PROMPT_VARIANTS = ("vicuna", "mistral")

@@ -27,14 +27,13 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
 
-from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, load_image
 
-ImageLike = Union[Image.Image, str, os.PathLike]
 
 TIKTOKEN_FILE = "qwen.tiktoken"
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
