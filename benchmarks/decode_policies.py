@@ -4,7 +4,8 @@ Part 1 (measured): a Llama decoder with LLaVA-1.5-7B layer shapes (hidden 4096, 
 head_dim 128, MLP 11008) but `--layers` layers (default 4) and random weights, on a prompt of
 1 system + 576 image + 40 text tokens (image rows are marked as such; the vision tower is not
 part of decode). Every policy prefills the prompt once; its cache is repeated to each batch size
-(a batch of equal prompts), then decode steps are timed (median of `--steps` after `--warmup`). At batch 1 the weights dominate the bytes read per
+(a batch of equal prompts); then the policies decode in turn, step by step, so that load changes
+hit all alike (median of `--steps` after `--warmup`). At batch 1 the weights dominate the bytes read per
 step; the policies show at larger batch.
 
 Part 2 (computed, no weights allocated): the paper's Table-3 settings on the real LLaVA-1.5-7B
@@ -23,13 +24,13 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import avl
-from avl.cache.layout import Modality, PromptLayout
+from avl.cache.layout import PromptLayout
 from avl.models.llama import LlamaConfig, LlamaModel
 
 POLICIES = {
@@ -69,51 +70,73 @@ def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
     return avl.ModalCache(layers, rep(cache.next_position), rep(cache.full_rows))
 
 
-@torch.inference_mode()
-def run_policy(model: LlamaModel, layout: PromptLayout, policy: avl.Policy, steps: int, warmup: int,
-               timed: bool, batch: int = 1) -> dict:
+@dataclass
+class Decoding:
+    """One policy's generation in progress: its cache, the last token, the decode step count."""
+
+    policy: avl.Policy
+    cache: avl.ModalCache
+    token: torch.Tensor
+    step: int = 0
+
+    def advance(self, model: LlamaModel) -> float:
+        """One decode step; returns its wall time in seconds."""
+        interval = self.policy.refresh_interval()
+        self.step += 1
+        refresh = interval is not None and self.step % interval == 0
+        start = time.perf_counter()
+        self.token = model.decode(self.token, self.cache, self.policy, refresh).argmax(-1)
+        if self.token.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def prefill(model: LlamaModel, layout: PromptLayout, policy: avl.Policy, new_tokens: int) -> Decoding:
     length = layout.modality.shape[1]
     embeds = torch.randn(1, length, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
-                         device=layout.modality.device)
-    logits, cache = model.prefill(embeds, layout, policy, new_tokens=warmup + steps + 1)
-    cache = repeat_batch(cache, batch)
-    token = logits.argmax(-1).repeat(batch)
-    times = []
-    interval = policy.refresh_interval()
-    for t in range(warmup + steps):
-        refresh = interval is not None and (t + 1) % interval == 0
-        start = time.perf_counter()
-        token = model.decode(token, cache, policy, refresh).argmax(-1)
-        if layout.modality.device.type == "cuda":
-            torch.cuda.synchronize()
-        if t >= warmup:
-            times.append(time.perf_counter() - start)
+                         device=layout.modality.device, generator=torch.Generator(layout.modality.device).manual_seed(0))
+    logits, cache = model.prefill(embeds, layout, policy, new_tokens=new_tokens)
+    return Decoding(policy, cache, logits.argmax(-1))
+
+
+def byte_counts(cache: avl.ModalCache) -> dict:
     total = cache.stats().total
-    return {
-        "step_ms": 1e3 * statistics.median(times) if timed and times else None,
-        "stored_bytes": total.stored_bytes, "used_bytes": total.used_bytes, "full_bytes": total.full_bytes,
-        "allocated_bytes": total.allocated_bytes,
-    }
+    return {"stored_bytes": total.stored_bytes, "used_bytes": total.used_bytes, "full_bytes": total.full_bytes,
+            "allocated_bytes": total.allocated_bytes}
 
 
+@torch.inference_mode()
 def measured(args: argparse.Namespace) -> list[dict]:
+    """Per batch size, every policy decodes in turn, step by step (round robin), so that load
+    changes on a shared machine hit all policies alike; the median step time is reported."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                       num_attention_heads=32)
     model = random_model(cfg, dtype, device)
-    rows = []
     layout = prompt_layout(1, 576, 40, device)
+    prefilled = {name: prefill(model, layout, p, args.warmup + args.steps + 1) for name, p in POLICIES.items()}
+    rows = []
     for batch in args.batch:
-        results = {name: run_policy(model, layout, p, args.steps, args.warmup, True, batch)
-                   for name, p in POLICIES.items()}
+        runs = {name: Decoding(d.policy, repeat_batch(d.cache, batch), d.token.repeat(batch))
+                for name, d in prefilled.items()}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for step in range(args.warmup + args.steps):
+            for name, run in runs.items():
+                elapsed = run.advance(model)
+                if step >= args.warmup:
+                    times[name].append(elapsed)
+        results = {name: {"step_ms": 1e3 * statistics.median(times[name]), **byte_counts(run.cache)}
+                   for name, run in runs.items()}
         full = results["full"]
         for name, r in results.items():
             rows.append({"batch": batch, "policy": name, **r, "speedup_vs_full": full["step_ms"] / r["step_ms"],
                          "stored_vs_full": r["stored_bytes"] / full["stored_bytes"],
                          "used_vs_full": r["used_bytes"] / full["used_bytes"]})
+        del runs
     return rows
 
 
+@torch.inference_mode()
 def table3(new_tokens: int) -> list[dict]:
     """Cache bytes of the Table-3 settings on the real 7B configs, from a tiny-width stand-in."""
     real_row_bytes = 2 * 32 * 128 * 2  # K and V, 32 KV heads, head_dim 128, float16
@@ -125,7 +148,10 @@ def table3(new_tokens: int) -> list[dict]:
     for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880)):
         layout = prompt_layout(1, n_image, 40, torch.device("cpu"))
         for policy_name, policy in TABLE3.items():
-            r = run_policy(model, layout, policy, new_tokens - 1, 0, False)
+            run = prefill(model, layout, policy, new_tokens)
+            for _ in range(new_tokens - 1):
+                run.advance(model)
+            r = byte_counts(run.cache)
             scale = real_row_bytes / tiny_row_bytes
             rows.append({"model": name, "policy": policy_name, "new_tokens": new_tokens,
                          **{k: int(v * scale) for k, v in r.items() if k.endswith("bytes")},
