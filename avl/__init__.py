@@ -8,6 +8,7 @@
 
 from avl.cache.modal_cache import CacheStats, LayerCache, ModalCache
 from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.cache.trim import Trim
 from avl.generate import GenerationOutput, generate
 from avl.loading import load
 
@@ -22,6 +23,7 @@ __all__ = [
     "ModalCache",
     "Policy",
     "StreamingLLM",
+    "Trim",
     "generate",
     "load",
 ]

@@ -9,6 +9,7 @@ from torch import nn
 
 from avl.models.llava import Llava, LlavaConfig
 from avl.models.llava_next import LlavaNext, LlavaNextConfig
+from avl.models.mllama import Mllama, MllamaConfig
 from avl.models.qwen_vl import QwenVL, QwenVLConfig
 from avl.weights import KeyMap, load_checkpoint, read_config, resolve_checkpoint
 
@@ -18,6 +19,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llava": (LlavaConfig, Llava),
     "llava_next": (LlavaNextConfig, LlavaNext),
+    "mllama": (MllamaConfig, Mllama),
     "qwen": (QwenVLConfig, QwenVL),
 }
 

@@ -1,10 +1,12 @@
-"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, LLaVA-NeXT, Qwen-VL)."""
+"""Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, LLaVA-NeXT, Qwen-VL,
+Llama-3.2-Vision)."""
 
 from avl.processing.anyres import LlavaNextImageProcessor
 from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
 from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_rgb
 from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
+from avl.processing.mllama import MllamaImageProcessor, MllamaProcessor, mllama_chat_prompt, mllama_prompt
 from avl.processing.qwen_vl import (
     QwenTokenizer,
     QwenVLImageProcessor,
@@ -23,6 +25,8 @@ __all__ = [
     "LlavaNextImageProcessor",
     "LlavaNextProcessor",
     "LlavaProcessor",
+    "MllamaImageProcessor",
+    "MllamaProcessor",
     "QwenTokenizer",
     "QwenVLImageProcessor",
     "QwenVLProcessor",
@@ -31,6 +35,8 @@ __all__ = [
     "llava15_prompt",
     "llava_next_prompt",
     "load_image",
+    "mllama_chat_prompt",
+    "mllama_prompt",
     "qwen_chat_prompt",
     "qwen_vl_query",
     "to_rgb",

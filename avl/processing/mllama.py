@@ -30,20 +30,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _pil_to_uint8_chw, load_image, to_rgb
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, _pil_to_uint8_chw, load_image, to_rgb
 from avl.processing.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<|image|>"
 BOS_TOKEN = "<|begin_of_text|>"
 DEFAULT_DATE = "26 Jul 2024"  # the template's fallback; transformers renders today's date instead
-
-ImageLike = Union[Image.Image, str, os.PathLike]
 
 
 @lru_cache(maxsize=16)
@@ -259,18 +257,20 @@ def _text_of(content: Any) -> str:
 class MllamaProcessor:
     """Tokenizer + tiled image preprocessing -> every input of `Mllama.prefill`.
 
-    Prompts get `bos_token` prepended when they lack it (after any leading `<|image|>` tokens, as
-    transformers' `MllamaProcessor` does) and are then tokenized without the tokenizer's own
-    special tokens, so each prompt starts with exactly one BOS. Batches are left-padded.
+    Prompts get `bos_token` (default: the tokenizer's, else `<|begin_of_text|>`) prepended when they
+    lack it (after any leading `<|image|>` tokens, as transformers' `MllamaProcessor` does) and are
+    then tokenized without the tokenizer's own special tokens, so each prompt starts with exactly
+    one BOS. Batches are left-padded.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor: MllamaImageProcessor, *,
-                 image_token: str = IMAGE_TOKEN, bos_token: str = BOS_TOKEN, pad_token_id: int | None = None) -> None:
+                 image_token: str = IMAGE_TOKEN, bos_token: str | None = None, pad_token_id: int | None = None) -> None:
         image_token_id = tokenizer.token_to_id(image_token)
         if image_token_id is None or tokenizer.encode(image_token, add_special_tokens=False) != [image_token_id]:
             raise ValueError(f"the tokenizer must encode {image_token!r} to one id; add it as a special token")
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.image_token, self.image_token_id, self.bos_token = image_token, image_token_id, bos_token
+        self.image_token, self.image_token_id = image_token, image_token_id
+        self.bos_token = bos_token or tokenizer.bos_token or BOS_TOKEN
         self.pad_token_id = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
 
     @classmethod
