@@ -8,13 +8,15 @@ part of decode). Every policy prefills the prompt once; its cache is repeated to
 hit all alike (median of `--steps` after `--warmup`). At batch 1 the weights dominate the bytes read per
 step; the policies show at larger batch.
 
+`--image-tokens 2880` times LLaVA-1.6-7B's prompt shape, `--image-tokens 256` Qwen-VL's.
+
 Part 2 (computed, no weights allocated): the paper's Table-3 settings on the real LLaVA-1.5-7B
-(576 image tokens) and LLaVA-1.6-7B (2880) configs: a model with the real layer count and prompt
+(576 image tokens), LLaVA-1.6-7B (2880) and Qwen-VL-7B (256) configs: a model with the real layer count and prompt
 layout but tiny widths runs the policies; its cache rows are scaled to the real per-row bytes
 (2 * 32 KV heads * 128 * 2 bytes, float16).
 
 Usage: python benchmarks/decode_policies.py [--batch 1 8 32] [--layers 4] [--steps 8]
-[--dtype float32] [--device cpu] [--out benchmarks/results/decode_policies.json]
+[--image-tokens 576] [--dtype float32] [--device cpu] [--out benchmarks/results/decode_policies.json]
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def measured(args: argparse.Namespace) -> list[dict]:
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                       num_attention_heads=32)
     model = random_model(cfg, dtype, device)
-    layout = prompt_layout(1, 576, 40, device)
+    layout = prompt_layout(1, args.image_tokens, 40, device)
     prefilled = {name: prefill(model, layout, p, args.warmup + args.steps + 1) for name, p in POLICIES.items()}
     rows = []
     for batch in args.batch:
@@ -145,7 +147,8 @@ def table3(new_tokens: int) -> list[dict]:
     model = random_model(tiny, torch.float32, torch.device("cpu"))
     tiny_row_bytes = 2 * 1 * 32 * 4
     rows = []
-    for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880)):
+    # Qwen-VL-7B's LM has the same KV shape (32 layers, 32 heads x 128); its image is 256 tokens
+    for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880), ("qwen-vl-7b", 256)):
         layout = prompt_layout(1, n_image, 40, torch.device("cpu"))
         for policy_name, policy in TABLE3.items():
             run = prefill(model, layout, policy, new_tokens)
@@ -164,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--image-tokens", type=int, default=576,
+                        help="image tokens of the timed prompt: 576 LLaVA-1.5, 2880 LLaVA-1.6, 256 Qwen-VL")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -180,7 +185,8 @@ def main() -> None:
               f" {r['used_bytes'] / 2**20:>9.1f} {r['used_pct']:>7.1f}")
 
     rows = measured(args)
-    print(f"\nDecode step, LLaVA-1.5-7B layer shapes x {args.layers} layers, {args.dtype} on {args.device}"
+    print(f"\nDecode step, 7B layer shapes x {args.layers} layers, {args.image_tokens} image + 40 text tokens,"
+          f" {args.dtype} on {args.device}"
           f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads):")
     print(f"{'batch':>5} {'policy':<24} {'step ms':>9} {'speedup':>8} {'stored %':>9} {'used %':>7}")
     for r in rows:
@@ -189,6 +195,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "layers": args.layers,
+                               "image_tokens": args.image_tokens,
                                "threads": torch.get_num_threads(), "measured": rows, "table3": t3}, indent=1))
     print(f"\nwrote {out}")
 
