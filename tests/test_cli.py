@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from PIL import Image
 
 from avl.cli import main
 from avl.tiny import build_tiny_llava
+from tiny_llava import build_tiny_next_checkpoint
 
 
 def test_demo_prints_an_answer_and_the_cache_table(capsys):
@@ -46,22 +45,7 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
 
 def test_generate_runs_a_llava_next_checkpoint(tmp_path, capsys):
     """LLaVA-NeXT through the CLI: its own processor (anyres tiles, image_sizes) and chat template."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    from avl.processing import build_tiny_llama_tokenizer
-
-    directory = tmp_path / "next"
-    ids = build_tiny_llama_tokenizer(directory, vocab_size=512)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=24, patch_size=6, projection_dim=32)
-    text = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, tie_word_embeddings=False)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=[[24, 48], [48, 24]],
-                             image_token_index=ids["image_token_id"], pad_token_id=ids["pad_token_id"])
-    LlavaNextForConditionalGeneration(config).save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "LlavaNextImageProcessor", "crop_size": {"height": 24, "width": 24},
-        "size": {"shortest_edge": 24}, "image_grid_pinpoints": [[24, 48], [48, 24]]}))
+    directory = build_tiny_next_checkpoint(tmp_path / "next")
     Image.new("RGB", (90, 40), (10, 200, 10)).save(tmp_path / "wide.png")
     main(["generate", "--model", str(directory), "--image", str(tmp_path / "wide.png"), "--prompt", "Color?",
           "--max-new-tokens", "3", "--policy", "avl", "--secondary", "0.5"])

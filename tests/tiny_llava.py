@@ -54,3 +54,28 @@ def left_pad(rows: list[list[int]], pad: int = PAD_TOKEN) -> tuple[torch.Tensor,
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def build_tiny_next_checkpoint(directory: Path) -> Path:
+    """A complete tiny random LLaVA-NeXT checkpoint directory written by transformers: weights,
+    tokenizer (avl's tiny Llama tokenizer) and an anyres preprocessor config (24 px tiles)."""
+    import json
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from avl.processing import build_tiny_llama_tokenizer
+
+    ids = build_tiny_llama_tokenizer(directory, vocab_size=512)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=24, patch_size=6, projection_dim=32)
+    text = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, tie_word_embeddings=False)
+    pinpoints = [[24, 48], [48, 24]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=ids["image_token_id"], pad_token_id=ids["pad_token_id"])
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaNextImageProcessor", "crop_size": {"height": 24, "width": 24},
+        "size": {"shortest_edge": 24}, "image_grid_pinpoints": pinpoints}))
+    return directory

@@ -12,12 +12,13 @@ Keyed by ``config.json``'s ``model_type``. Sources (lmms-eval v0.2.0 model wrapp
   LLaVA's ``tokenizer_image_token`` tokenizes the text after ``<image>`` as a separate chunk, so
   its legacy sentencepiece tokenizer puts a ``"▁"`` token before the ``"\n"``; avl's processor
   (as llava-hf's) tokenizes the prompt in one piece.
-* ``llava_next`` -- the same ``llava`` wrapper and template (its default ``conv_template``).
-  avl has no LLaVA-NeXT processor yet, so the entry says so when used.
+* ``llava_next`` -- the same ``llava`` wrapper and template (its default ``conv_template``), with
+  LLaVA-NeXT's anyres processor (``LlavaNextProcessor``).
 * ``qwen`` (Qwen-VL) -- ``lmms_eval/models/qwen_vl.py``: no chat template, Qwen's
   ``from_list_format``: ``"Picture 1: <img>{image}</img>\\n{text}"``, the tasks' ``qwen_vl`` prompt
-  kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. avl has no
-  Qwen-VL model yet, so the entry says so when used.
+  kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. The Qwen-VL
+  model and processor exist (``avl.processing.QwenVLProcessor``) but are not wired into the runner
+  yet (its tokenizer names EOS and padding differently), so the entry says so when used.
 
 Adding a family = one :class:`Family` entry with a template and a processor factory.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaProcessor, llava15_prompt
+from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaNextProcessor, LlavaProcessor, llava15_prompt
 
 __all__ = ["FAMILIES", "Family", "Processor", "get_family"]
 
@@ -80,7 +81,7 @@ class Family:
     def load_processor(self, directory: Path) -> Processor:
         if self.processor is None:
             raise NotImplementedError(
-                f"avl.eval knows the lmms-eval prompts of model_type {self.model_type!r}, but avl has no processor for "
+                f"avl.eval knows the lmms-eval prompts of model_type {self.model_type!r}, but avl.eval has no processor for "
                 "it yet; supported now: " + ", ".join(k for k, f in FAMILIES.items() if f.processor is not None))
         return self.processor(directory)
 
@@ -99,9 +100,13 @@ def _llava_processor(directory: Path) -> Processor:
     return LlavaProcessor.from_dir(directory, pad_to_square=True)
 
 
+def _llava_next_processor(directory: Path) -> Processor:
+    return LlavaNextProcessor.from_dir(directory)
+
+
 FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "llava", vicuna_v1, processor=_llava_processor),
-    "llava_next": Family("llava_next", "llava", vicuna_v1),
+    "llava_next": Family("llava_next", "llava", vicuna_v1, processor=_llava_next_processor),
     "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, strip_output=True, cut_at_until=True),
 }
 

@@ -210,12 +210,11 @@ class _Worker:
 
     def generate(self, ready: Sequence[_Prepared]) -> list[Record]:
         loaded = self.loaded
-        inputs = loaded.processor([p.prompt for p in ready], [p.image for p in ready])
-        device = loaded.device
-        pixels = inputs["pixel_values"].to(device=device, dtype=self.param_dtype)
+        inputs = {k: v.to(loaded.device) for k, v in
+                  loaded.processor([p.prompt for p in ready], [p.image for p in ready]).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.param_dtype)  # and e.g. LLaVA-NeXT's image_sizes
         start = time.perf_counter()
-        out = generate(cast(Generative, loaded.model), inputs["input_ids"].to(device), pixel_values=pixels,
-                       attention_mask=inputs["attention_mask"].to(device), policy=self.config.policy,
+        out = generate(cast(Generative, loaded.model), **inputs, policy=self.config.policy,
                        max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
                        compile=self.config.compile)
         seconds = (time.perf_counter() - start) / len(ready)

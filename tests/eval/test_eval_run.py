@@ -204,3 +204,15 @@ def test_eval_subcommand_plugs_into_a_parent_parser(checkpoint, tmp_path):
                               "--sweep", "--grid", "secondary=0.3,0.5", "--baselines"])
     assert (args.command, args.task, args.sweep, args.grid, args.baselines) == ("eval", "flickr30k_test", True,
                                                                                  ["secondary=0.3,0.5"], True)
+
+
+def test_a_llava_next_checkpoint_runs_with_its_anyres_processor(tmp_path):
+    """The family comes from config.json: LLaVA-NeXT's processor, and its image_sizes reach the model."""
+    from tiny_llava import build_tiny_next_checkpoint
+
+    directory = build_tiny_next_checkpoint(tmp_path / "next")
+    data = write_tiny_parquet("textvqa_val", tmp_path / "data", n=2)
+    summary = evaluate(config(directory, "textvqa_val", data, tmp_path / "out", batch_size=2,
+                              policy=AVL(secondary=0.5)))
+    assert (summary["samples"], summary["failed"]) == (2, 0)
+    assert 40 < summary["kv_cache"]["stored_pct"] < 90
