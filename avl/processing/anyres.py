@@ -22,17 +22,16 @@ the number of image tokens of an image depends on its size: `num_image_tokens`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from avl.processing.files import read_preprocessor_config
 from avl.processing.image import (
     _PIL_RESAMPLE_CODES,
     OPENAI_CLIP_MEAN,
@@ -211,7 +210,7 @@ class LlavaNextImageProcessor:
         The CLIP fields are read as `ClipImageProcessor.from_preprocessor_config` reads them, plus
         `image_grid_pinpoints`. `do_pad` (batch padding of the tile dimension) is always on here.
         """
-        cfg = _read_config(path_or_dict)
+        cfg = read_preprocessor_config(path_or_dict)
         clip = ClipImageProcessor.from_preprocessor_config({**cfg, "do_pad": False})
         return cls(
             image_grid_pinpoints=DEFAULT_GRID_PINPOINTS if cfg.get("image_grid_pinpoints") is None
@@ -269,23 +268,6 @@ class LlavaNextImageProcessor:
         canvas.paste(self._resize(image, (new_h, new_w)), ((best_w - new_w) // 2, (best_h - new_h) // 2))
         t = self.tile
         return [canvas.crop((x, y, x + t, y + t)) for y in range(0, best_h, t) for x in range(0, best_w, t)]
-
-
-def _read_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(path_or_dict, Mapping):
-        return dict(path_or_dict)
-    path = Path(path_or_dict)
-    if path.is_dir():
-        path = path / "preprocessor_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"preprocessor config not found: {str(path)!r}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON in {str(path)!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
-    return data
 
 
 __all__ = [

@@ -17,7 +17,6 @@ Steps 3-5 use the same operations in the same precision, so the result is bit-id
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from typing import Any, Union
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from avl.processing.files import read_preprocessor_config
 
 ImageLike = Union[Image.Image, str, os.PathLike]  # an image, or the path of an image file
 
@@ -174,18 +175,7 @@ class ClipImageProcessor:
         `CLIPImageProcessor.do_pad` means batch padding, a no-op after a centre crop).
         Missing fields keep the LLaVA-1.5 defaults.
         """
-        if isinstance(path_or_dict, Mapping):
-            cfg = dict(path_or_dict)
-        else:
-            path = Path(path_or_dict)
-            if path.is_dir():
-                path = path / "preprocessor_config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"preprocessor config not found: {str(path)!r}")
-            try:
-                cfg = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"invalid JSON in {str(path)!r}: {e}") from e
+        cfg = read_preprocessor_config(path_or_dict)
         kwargs: dict[str, Any] = {}
         if "size" in cfg and cfg["size"] is not None:
             kwargs["size"] = _parse_resize(cfg["size"])

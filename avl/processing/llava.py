@@ -9,7 +9,6 @@ so both give the same ids. Batches are left-padded (the decoder generates at the
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from avl.processing.chat import IMAGE_TOKEN
+from avl.processing.files import read_optional_json
 from avl.processing.image import ClipImageProcessor, ImageLike, load_image
 from avl.processing.tokenizer import Tokenizer
 
@@ -95,7 +95,7 @@ class LlavaProcessor:
             image_processor = ClipImageProcessor()
         if pad_to_square is not None:
             image_processor.pad_to_square = pad_to_square
-        config = _read_optional_json(root / "config.json")
+        config = read_optional_json(root / "config.json")
         if num_image_tokens is None:
             num_image_tokens = _num_image_tokens_from_configs(root, image_processor, config)
         config_image_id = config.get("image_token_index", config.get("image_token_id"))
@@ -210,21 +210,9 @@ class LlavaProcessor:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
 
 
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON in {str(path)!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object")
-    return data
-
-
 def _num_image_tokens_from_configs(root: Path, image_processor: ClipImageProcessor, config: dict[str, Any]) -> int:
     """(crop_h // patch) * (crop_w // patch) + additional - (1 if strategy == "default")."""
-    proc_cfg = _read_optional_json(root / "processor_config.json")
+    proc_cfg = read_optional_json(root / "processor_config.json")
     if proc_cfg.get("patch_size"):
         patch = int(proc_cfg["patch_size"])
         strategy = proc_cfg.get("vision_feature_select_strategy") or config.get("vision_feature_select_strategy")

@@ -26,9 +26,9 @@ from PIL import Image
 
 from avl.processing.anyres import LlavaNextImageProcessor, Size, check_image_size
 from avl.processing.chat import IMAGE_TOKEN, llava15_prompt
-from avl.processing.image import load_image
-from avl.processing.image import ImageLike
-from avl.processing.llava import LlavaProcessor, _read_optional_json
+from avl.processing.files import read_optional_json
+from avl.processing.image import ImageLike, load_image
+from avl.processing.llava import LlavaProcessor
 from avl.processing.tokenizer import Tokenizer
 
 PROMPT_VARIANTS = ("vicuna", "mistral")
@@ -108,8 +108,8 @@ class LlavaNextProcessor:
             image_processor = LlavaNextImageProcessor.from_preprocessor_config(root / "preprocessor_config.json")
         else:
             image_processor = LlavaNextImageProcessor()
-        config = _read_optional_json(root / "config.json")
-        processor_config = _read_optional_json(root / "processor_config.json")
+        config = read_optional_json(root / "config.json")
+        processor_config = read_optional_json(root / "processor_config.json")
         for source, cfg in (("processor_config.json", processor_config), ("config.json", config)):
             if cfg.get("vision_feature_select_strategy") not in (None, "default"):
                 raise ValueError(

@@ -23,7 +23,6 @@ token (or the end); consecutive `<|image|>` tokens share the span that follows t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, _pil_to_uint8_chw, load_image, to_rgb
+from avl.processing.files import read_preprocessor_config
 from avl.processing.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<|image|>"
@@ -109,7 +109,7 @@ class MllamaImageProcessor:
     @classmethod
     def from_preprocessor_config(cls, path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> MllamaImageProcessor:
         """From a hub `preprocessor_config.json` (file, its directory, or the parsed dict)."""
-        cfg = dict(path_or_dict) if isinstance(path_or_dict, Mapping) else _read_json(Path(path_or_dict))
+        cfg = read_preprocessor_config(path_or_dict)
         for switch in ("do_resize", "do_pad", "do_rescale", "do_normalize"):
             if cfg.get(switch) is False:
                 raise ValueError(f"{switch}=False is not supported by Llama-3.2-Vision preprocessing")
@@ -343,11 +343,3 @@ class MllamaProcessor:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    path = path / "preprocessor_config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"preprocessor config not found: {str(path)!r}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON in {str(path)!r}: {e}") from e

@@ -9,7 +9,6 @@ ignores those two flags; pass them to the constructor to rebuild the post-proces
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _BackendTokenizer
 from tokenizers import processors
+
+from avl.processing.files import read_optional_json
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -30,16 +31,6 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     raise ValueError(f"cannot read a special token from {value!r}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON in {str(path)!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 class Tokenizer:
@@ -92,10 +83,8 @@ class Tokenizer:
             backend = _BackendTokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"cannot load {str(tok_file)!r}: {e}") from e
-        config = _read_json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
-        special_map = (
-            _read_json(root / "special_tokens_map.json") if (root / "special_tokens_map.json").is_file() else {}
-        )
+        config = read_optional_json(root / "tokenizer_config.json")
+        special_map = read_optional_json(root / "special_tokens_map.json")
         # tokenizer_config.json first; special_tokens_map.json fills the tokens it does not name
         specials = {
             key: _token_content(config[key] if config.get(key) is not None else special_map.get(key))
