@@ -288,6 +288,10 @@ class QwenVLProcessor:
         encoded = [self.tokenizer.encode_with_images(p) for p in prompts]
         return self._batch(encoded, images, dtype)
 
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Token ids -> text (the tokenizer's `decode`; special tokens dropped by default)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def chat(self, queries: str | Sequence[str], images: Any = None, system: str = DEFAULT_SYSTEM,
              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Single-turn chat prompts built like the original `model.chat` (`make_context`), e.g.
