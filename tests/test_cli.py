@@ -7,7 +7,7 @@ from PIL import Image
 
 from avl.cli import main
 from avl.tiny import build_tiny_llava
-from tiny_llava import build_tiny_next_checkpoint
+from tiny_llava import build_tiny_next_checkpoint, build_tiny_qwen_checkpoint
 
 
 def test_demo_prints_an_answer_and_the_cache_table(capsys):
@@ -54,23 +54,8 @@ def test_generate_runs_a_llava_next_checkpoint(tmp_path, capsys):
 
 
 def test_generate_runs_a_qwen_vl_checkpoint(tmp_path, capsys):
-    """Qwen-VL through the CLI: the reference fixture's tiny checkpoint with a tiktoken file whose 86
-    single-character ranks put `<img>` at the config's image_start_id (86 + 3 + 205 + 6 = 300)."""
-    import base64
-    import shutil
-    import string
-
-    from tiny_llava import SHARED
-
-    source = SHARED / "fixtures" / "qwen-vl-reference"
-    directory = tmp_path / "qwen"
-    directory.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(source / name, directory / name)
-    chars = string.ascii_letters + string.digits + " \n:.?,!'-()[]{}<>/\\\"#;=+"
-    assert len(chars) == 86
-    (directory / "qwen.tiktoken").write_text(
-        "".join(f"{base64.b64encode(c.encode()).decode()} {rank}\n" for rank, c in enumerate(chars)))
+    """Qwen-VL through the CLI: its processor, chat format and stop ids."""
+    directory = build_tiny_qwen_checkpoint(tmp_path / "qwen")
     Image.new("RGB", (60, 80), (30, 30, 200)).save(tmp_path / "blue.png")
     main(["generate", "--model", str(directory), "--image", str(tmp_path / "blue.png"), "--prompt", "Color?",
           "--max-new-tokens", "3", "--dtype", "float64", "--policy", "h2o"])

@@ -79,3 +79,21 @@ def build_tiny_next_checkpoint(directory: Path) -> Path:
         "image_processor_type": "LlavaNextImageProcessor", "crop_size": {"height": 24, "width": 24},
         "size": {"shortest_edge": 24}, "image_grid_pinpoints": pinpoints}))
     return directory
+
+
+def build_tiny_qwen_checkpoint(directory: Path) -> Path:
+    """The Qwen-VL reference fixture's tiny checkpoint with a `qwen.tiktoken` of 86 single-character
+    ranks, which puts `<img>` at the config's image_start_id (86 + 3 + 205 + 6 = 300)."""
+    import base64
+    import shutil
+    import string
+
+    source = SHARED / "fixtures" / "qwen-vl-reference"
+    directory.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, directory / name)
+    chars = string.ascii_letters + string.digits + " \n:.?,!'-()[]{}<>/\\\"#;=+"
+    assert len(chars) == 86
+    (directory / "qwen.tiktoken").write_text(
+        "".join(f"{base64.b64encode(c.encode()).decode()} {rank}\n" for rank, c in enumerate(chars)))
+    return directory

@@ -16,9 +16,9 @@ Keyed by ``config.json``'s ``model_type``. Sources (lmms-eval v0.2.0 model wrapp
   LLaVA-NeXT's anyres processor (``LlavaNextProcessor``).
 * ``qwen`` (Qwen-VL) -- ``lmms_eval/models/qwen_vl.py``: no chat template, Qwen's
   ``from_list_format``: ``"Picture 1: <img>{image}</img>\\n{text}"``, the tasks' ``qwen_vl`` prompt
-  kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. The Qwen-VL
-  model and processor exist (``avl.processing.QwenVLProcessor``) but are not wired into the runner
-  yet (its tokenizer names EOS and padding differently), so the entry says so when used.
+  kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. avl passes
+  the pixels itself, so the ``<img></img>`` span stays empty (``QwenVLProcessor`` fills it with the
+  image's 256 positions); generation stops at ``<|endoftext|>``.
 
 Adding a family = one :class:`Family` entry with a template and a processor factory.
 """
@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaNextProcessor, LlavaProcessor, llava15_prompt
+from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaNextProcessor, LlavaProcessor, QwenVLProcessor, llava15_prompt
 
 __all__ = ["FAMILIES", "Family", "Processor", "get_family"]
 
-QWEN_IMAGE = "{image}"  # where Qwen-VL's processor writes the image reference between <img> tags
 
 
 class Processor(Protocol):
@@ -55,15 +54,15 @@ class Family:
     ``lmms_eval_model``: the lmms-eval model name that picks a task's prompt kwargs;
     ``template``: task text -> full prompt with one image placeholder;
     ``strip_output`` / ``cut_at_until``: what the lmms-eval wrapper does to the decoded text;
-    ``processor``: checkpoint directory -> processor, or None while avl lacks the family.
+    ``processor``: checkpoint directory -> processor.
     """
 
     model_type: str
     lmms_eval_model: str
     template: Callable[[str], str]
+    processor: Callable[[Path], Processor]
     strip_output: bool = False
     cut_at_until: bool = False
-    processor: Callable[[Path], Processor] | None = None
 
     def prompt(self, text: str) -> str:
         return self.template(text)
@@ -79,10 +78,6 @@ class Family:
         return text
 
     def load_processor(self, directory: Path) -> Processor:
-        if self.processor is None:
-            raise NotImplementedError(
-                f"avl.eval knows the lmms-eval prompts of model_type {self.model_type!r}, but avl.eval has no processor for "
-                "it yet; supported now: " + ", ".join(k for k, f in FAMILIES.items() if f.processor is not None))
         return self.processor(directory)
 
 
@@ -93,7 +88,7 @@ def vicuna_v1(text: str) -> str:
 
 def qwen_vl_list_format(text: str) -> str:
     """Qwen-VL ``tokenizer.from_list_format([{"image": ...}, {"text": text}])``."""
-    return f"Picture 1: <img>{QWEN_IMAGE}</img>\n{text}"
+    return f"Picture 1: <img></img>\n{text}"
 
 
 def _llava_processor(directory: Path) -> Processor:
@@ -105,9 +100,10 @@ def _llava_next_processor(directory: Path) -> Processor:
 
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", "llava", vicuna_v1, processor=_llava_processor),
-    "llava_next": Family("llava_next", "llava", vicuna_v1, processor=_llava_next_processor),
-    "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, strip_output=True, cut_at_until=True),
+    "llava": Family("llava", "llava", vicuna_v1, _llava_processor),
+    "llava_next": Family("llava_next", "llava", vicuna_v1, _llava_next_processor),
+    "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, QwenVLProcessor.from_dir, strip_output=True,
+                   cut_at_until=True),
 }
 
 

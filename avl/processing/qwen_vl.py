@@ -117,6 +117,11 @@ class QwenTokenizer:
         return self.special_tokens[ENDOFTEXT]
 
     @property
+    def eos_token_id(self) -> int:
+        """`<|endoftext|>`: where Qwen-VL's generation_config stops (the chat format also ends turns with `<|im_end|>`)."""
+        return self.eod_id
+
+    @property
     def im_start_id(self) -> int:
         return self.special_tokens[IM_START]
 
@@ -287,6 +292,11 @@ class QwenVLProcessor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         encoded = [self.tokenizer.encode_with_images(p) for p in prompts]
         return self._batch(encoded, images, dtype)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Left padding uses `<|endoftext|>`, the checkpoints' pad id."""
+        return self.tokenizer.eod_id
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Token ids -> text (the tokenizer's `decode`; special tokens dropped by default)."""

@@ -216,3 +216,14 @@ def test_a_llava_next_checkpoint_runs_with_its_anyres_processor(tmp_path):
                               policy=AVL(secondary=0.5)))
     assert (summary["samples"], summary["failed"]) == (2, 0)
     assert 40 < summary["kv_cache"]["stored_pct"] < 90
+
+
+def test_a_qwen_vl_checkpoint_runs_with_its_processor_and_prompt(tmp_path):
+    from tiny_llava import build_tiny_qwen_checkpoint
+
+    directory = build_tiny_qwen_checkpoint(tmp_path / "qwen")
+    data = write_tiny_parquet("vqav2_val", tmp_path / "data", n=2)
+    summary = evaluate(config(directory, "vqav2_val", data, tmp_path / "out", batch_size=2, dtype="float64",
+                              policy=AVL(secondary=0.5, text_keep=0.5)))
+    assert (summary["samples"], summary["failed"]) == (2, 0)
+    assert summary["kv_cache"]["stored_pct"] < 90

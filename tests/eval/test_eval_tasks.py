@@ -47,7 +47,8 @@ def test_qwen_vl_prompts_match_lmms_eval(task, expected):
     family = get_family("qwen")
     text = get_task(task).text({"question": "What is the total?"}, family.lmms_eval_model)
     assert text == expected
-    assert family.prompt(text) == "Picture 1: <img>{image}</img>\n" + expected
+    # lmms-eval writes the image path into the span; avl passes pixels, so the span stays empty
+    assert family.prompt(text) == "Picture 1: <img></img>\n" + expected
 
 
 def test_textvqa_reference_ocr_tokens_when_asked():
@@ -83,8 +84,6 @@ def test_output_postprocessing_per_family():
     assert until == ("ASSISTANT:",)
     assert get_family("llava").postprocess(" Stop ASSISTANT: x", until) == " Stop ASSISTANT: x"  # llava wrapper: as is
     assert get_family("qwen").postprocess(" Stop ASSISTANT: x", until) == "Stop "
-    with pytest.raises(NotImplementedError, match="no processor for it yet; supported now: llava"):
-        get_family("qwen").load_processor(None)
     with pytest.raises(ValueError, match="no evaluation prompts for model_type 'mllama'"):
         get_family("mllama")
 
