@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.cache.trim import Trim
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
 from avl.loading import DTYPES, load
 from avl.processing.auto import load_chat_processor
 from avl.weights import resolve_checkpoint
 
-POLICIES = ("full", "avl", "fastv", "h2o", "streaming")
+POLICIES = ("full", "avl", "fastv", "h2o", "streaming", "trim")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -28,13 +29,14 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         "fastv": {"layer": args.fastv_layer, "keep": args.fastv_keep},
         "h2o": {"budget": args.h2o_budget, "heavy_share": args.heavy_share},
         "streaming": {"sinks": args.sinks, "window": args.window},
+        "trim": {"keep": args.trim_keep, "criterion": args.trim_criterion},
     }
     for name, values in fields.items():
         stray = [k for k, v in values.items() if v is not None] if name != args.policy else []
         if stray:
             raise ValueError(f"--{stray[0].replace('_', '-')} belongs to --policy {name}, not --policy {args.policy}")
     given = {k: v for k, v in fields.get(args.policy, {}).items() if v is not None}
-    cls = {"full": Full, "avl": AVL, "fastv": FastV, "h2o": H2O, "streaming": StreamingLLM}[args.policy]
+    cls = {"full": Full, "avl": AVL, "fastv": FastV, "h2o": H2O, "streaming": StreamingLLM, "trim": Trim}[args.policy]
     return cls(**given)
 
 
@@ -53,6 +55,8 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heavy-share", type=float, help="H2O: heavy-hitter share of the budget (default 0.25)")
     group.add_argument("--sinks", type=int, help="StreamingLLM: sink rows (default 4)")
     group.add_argument("--window", type=int, help="StreamingLLM: recent rows (default 256)")
+    group.add_argument("--trim-keep", type=float, help="Trim (Llama-3.2-Vision): image features kept (default 0.5)")
+    group.add_argument("--trim-criterion", choices=("sum", "head_union"), help="Trim: feature scoring (default sum)")
 
 
 def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy,

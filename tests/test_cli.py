@@ -7,7 +7,7 @@ from PIL import Image
 
 from avl.cli import main
 from avl.tiny import build_tiny_llava
-from tiny_llava import build_tiny_next_checkpoint, build_tiny_qwen_checkpoint
+from tiny_llava import build_tiny_mllama_checkpoint, build_tiny_next_checkpoint, build_tiny_qwen_checkpoint
 
 
 def test_demo_prints_an_answer_and_the_cache_table(capsys):
@@ -61,3 +61,12 @@ def test_generate_runs_a_qwen_vl_checkpoint(tmp_path, capsys):
           "--max-new-tokens", "3", "--dtype", "float64", "--policy", "h2o"])
     out = capsys.readouterr().out
     assert out.startswith("answer: ") and "H2O(budget=0.5" in out
+
+
+def test_generate_runs_a_llama_vision_checkpoint_with_trim(tmp_path, capsys):
+    directory = build_tiny_mllama_checkpoint(tmp_path / "mllama")
+    Image.new("RGB", (50, 90), (200, 200, 30)).save(tmp_path / "tall.png")
+    main(["generate", "--model", str(directory), "--image", str(tmp_path / "tall.png"), "--prompt", "Color?",
+          "--max-new-tokens", "3", "--policy", "trim", "--trim-keep", "0.5"])
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "Trim(keep=0.5" in out and "cross all" in out

@@ -97,3 +97,34 @@ def build_tiny_qwen_checkpoint(directory: Path) -> Path:
     (directory / "qwen.tiktoken").write_text(
         "".join(f"{base64.b64encode(c.encode()).decode()} {rank}\n" for rank, c in enumerate(chars)))
     return directory
+
+
+def build_tiny_mllama_checkpoint(directory: Path) -> Path:
+    """A complete tiny random Llama-3.2-Vision checkpoint directory written by transformers: weights
+    (28 px tiles, 2 of 4 text layers cross-attend), avl's tiny tokenizer plus `<|image|>`, and an
+    Mllama preprocessor config."""
+    import json
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as BackendTokenizer
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    from avl.processing import build_tiny_llama_tokenizer
+
+    ids = build_tiny_llama_tokenizer(directory, vocab_size=512)
+    backend = BackendTokenizer.from_file(str(directory / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<|image|>", special=True, normalized=False)])
+    backend.save(str(directory / "tokenizer.json"))
+    image_id = backend.token_to_id("<|image|>")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=28, patch_size=14, max_num_tiles=4, intermediate_layers_indices=[0],
+                  vision_output_dim=64)
+    text = dict(vocab_size=image_id + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3],
+                bos_token_id=1, eos_token_id=2, pad_token_id=ids["pad_token_id"])
+    torch.manual_seed(0)
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+    MllamaForConditionalGeneration(config).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "MllamaImageProcessor", "size": {"height": 28, "width": 28}, "max_image_tiles": 4}))
+    return directory

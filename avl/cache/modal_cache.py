@@ -192,7 +192,7 @@ class CacheStats:
 
     def table(self) -> str:
         """A plain-text table: one line per layer and the totals, with % of the full cache."""
-        head = (f"{'layer':>8} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9}"
+        head = (f"{'layer':>9} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9}"
                 f" {'%full':>6} {'full MB':>9}")
         kinds = sorted({s.kind for s in self.layers})
         rows = [(f"{'x' if s.kind == 'cross' else ''}{i}", s) for i, s in enumerate(self.layers)]
@@ -202,7 +202,7 @@ class CacheStats:
         for name, s in [*rows, ("total", self.total)]:
             full = max(s.full_bytes, 1)
             lines.append(
-                f"{name:>8} {s.stored_rows:>12.1f} {s.stored_bytes / 2**20:>10.3f} {100 * s.stored_bytes / full:>6.1f}"
+                f"{name:>9} {s.stored_rows:>12.1f} {s.stored_bytes / 2**20:>10.3f} {100 * s.stored_bytes / full:>6.1f}"
                 f" {s.used_rows:>10.1f} {s.used_bytes / 2**20:>9.3f} {100 * s.used_bytes / full:>6.1f}"
                 f" {s.full_bytes / 2**20:>9.3f}"
             )

@@ -14,6 +14,8 @@ Keyed by ``config.json``'s ``model_type``. Sources (lmms-eval v0.2.0 model wrapp
   (as llava-hf's) tokenizes the prompt in one piece.
 * ``llava_next`` -- the same ``llava`` wrapper and template (its default ``conv_template``), with
   LLaVA-NeXT's anyres processor (``LlavaNextProcessor``).
+* ``mllama`` (Llama-3.2-Vision) -- lmms-eval's ``llama_vision`` wrapper (added after v0.2): one user
+  turn, the image first, then the text, through the chat template (:func:`avl.processing.mllama_prompt`).
 * ``qwen`` (Qwen-VL) -- ``lmms_eval/models/qwen_vl.py``: no chat template, Qwen's
   ``from_list_format``: ``"Picture 1: <img>{image}</img>\\n{text}"``, the tasks' ``qwen_vl`` prompt
   kwargs (e.g. ``" Answer:"``); the output is stripped and cut at each ``until`` string. avl passes
@@ -30,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from avl.processing import LLAVA15_SYSTEM_PROMPT, LlavaNextProcessor, LlavaProcessor, QwenVLProcessor, llava15_prompt
+from avl.processing import (
+    LLAVA15_SYSTEM_PROMPT,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    MllamaProcessor,
+    QwenVLProcessor,
+    llava15_prompt,
+    mllama_prompt,
+)
 
 __all__ = ["FAMILIES", "Family", "Processor", "get_family"]
 
@@ -102,6 +112,7 @@ def _llava_next_processor(directory: Path) -> Processor:
 FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "llava", vicuna_v1, _llava_processor),
     "llava_next": Family("llava_next", "llava", vicuna_v1, _llava_next_processor),
+    "mllama": Family("mllama", "llama_vision", mllama_prompt, MllamaProcessor.from_dir),
     "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, QwenVLProcessor.from_dir, strip_output=True,
                    cut_at_until=True),
 }

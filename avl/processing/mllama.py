@@ -281,6 +281,10 @@ class MllamaProcessor:
         images = MllamaImageProcessor.from_preprocessor_config(config) if config.is_file() else MllamaImageProcessor()
         return cls(Tokenizer.from_dir(root), images)
 
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
+        """Token ids -> text (the tokenizer's `decode`)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def with_bos(self, prompt: str) -> str:
         if self.bos_token in prompt:
             return prompt

@@ -227,3 +227,15 @@ def test_a_qwen_vl_checkpoint_runs_with_its_processor_and_prompt(tmp_path):
                               policy=AVL(secondary=0.5, text_keep=0.5)))
     assert (summary["samples"], summary["failed"]) == (2, 0)
     assert summary["kv_cache"]["stored_pct"] < 90
+
+
+def test_a_llama_vision_checkpoint_runs_with_trim(tmp_path):
+    """Llama-3.2-Vision: its processor's aspect ratios and cross-attention mask reach the model."""
+    from avl.cache.trim import Trim
+    from tiny_llava import build_tiny_mllama_checkpoint
+
+    directory = build_tiny_mllama_checkpoint(tmp_path / "mllama")
+    data = write_tiny_parquet("nocaps_val", tmp_path / "data", n=2)
+    summary = evaluate(config(directory, "nocaps_val", data, tmp_path / "out", batch_size=2, policy=Trim(keep=0.5)))
+    assert (summary["samples"], summary["failed"]) == (2, 0)
+    assert summary["kv_cache"]["stored_pct"] < 100

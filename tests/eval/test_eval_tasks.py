@@ -84,8 +84,8 @@ def test_output_postprocessing_per_family():
     assert until == ("ASSISTANT:",)
     assert get_family("llava").postprocess(" Stop ASSISTANT: x", until) == " Stop ASSISTANT: x"  # llava wrapper: as is
     assert get_family("qwen").postprocess(" Stop ASSISTANT: x", until) == "Stop "
-    with pytest.raises(ValueError, match="no evaluation prompts for model_type 'mllama'"):
-        get_family("mllama")
+    with pytest.raises(ValueError, match="no evaluation prompts for model_type 'blip-2'"):
+        get_family("blip-2")
 
 
 def test_per_sample_scores_use_the_lmms_eval_rules():
