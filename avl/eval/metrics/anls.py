@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from avl.eval.metrics.checks import check_ground_truths, check_str
+
 __all__ = [
     "anls",
     "anls_question",
@@ -74,8 +76,8 @@ def normalized_levenshtein_similarity(prediction: str, ground_truth: str) -> flo
     Two empty strings have similarity 1. The value can only be negative in contrived Unicode
     cases where lower-casing lengthens a string (e.g. ``"İ"``); thresholding maps those to 0.
     """
-    _check_str(prediction, "prediction")
-    _check_str(ground_truth, "ground truth")
+    check_str(prediction, "prediction")
+    check_str(ground_truth, "ground truth")
     length = max(len(ground_truth.upper()), len(prediction.upper()))
     if length == 0:
         return 1.0
@@ -91,7 +93,7 @@ def anls_question(
     Raises ``ValueError`` when ``ground_truths`` is empty (the official script would crash on
     ``min([])``; lmms-eval would silently score 0).
     """
-    gts = _check_ground_truths(ground_truths)
+    gts = check_ground_truths(ground_truths)
     _check_threshold(threshold)
     best = max(normalized_levenshtein_similarity(prediction, gt) for gt in gts)
     return 0.0 if best < threshold else best
@@ -118,9 +120,9 @@ def nls_hit(
     scored alone with the thresholded ANLS rule, and the question gets 1.0 if any of those scores
     is non-zero (truthy), else 0.0.
     """
-    gts = _check_ground_truths(ground_truths)
+    gts = check_ground_truths(ground_truths)
     _check_threshold(threshold)
-    _check_str(prediction, "prediction")
+    check_str(prediction, "prediction")
     pred = prediction.strip()
     scores = [anls_question(pred, [gt], threshold) for gt in gts]
     return 1.0 if any(scores) else 0.0
@@ -140,24 +142,6 @@ def nls_hit_rate(
     _check_pairs(predictions, ground_truths)
     scores = [nls_hit(p, g, threshold) for p, g in zip(predictions, ground_truths)]
     return sum(scores) / len(scores)
-
-
-def _check_str(value: object, what: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}: {value!r}")
-
-
-def _check_ground_truths(ground_truths: Sequence[str]) -> Sequence[str]:
-    if isinstance(ground_truths, str):
-        raise TypeError(
-            f"ground_truths must be a sequence of str, got a single str {ground_truths!r}; "
-            "wrap it in a list"
-        )
-    if len(ground_truths) == 0:
-        raise ValueError("ground_truths is empty: a question needs at least one ground truth")
-    for gt in ground_truths:
-        _check_str(gt, "ground truth")
-    return ground_truths
 
 
 def _check_threshold(threshold: float) -> None:

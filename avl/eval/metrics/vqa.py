@@ -46,6 +46,8 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
+from avl.eval.metrics.checks import check_ground_truths, check_str
+
 __all__ = [
     "ARTICLES",
     "CONTRACTIONS",
@@ -167,7 +169,7 @@ def normalize_answer(answer: str) -> str:
     ``\\n``/``\\t`` -> space and strip, then :func:`process_punctuation` (with EvalAI's
     comma-between-digits regex) and :func:`process_digit_article`.
     """
-    _check_str(answer, "answer")
+    check_str(answer, "answer")
     item = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     item = item.replace("\n", " ").replace("\t", " ").strip()
     item = _process_punctuation(item, _COMMA_STRIP_EVALAI)
@@ -181,8 +183,8 @@ def leave_one_out_accuracy(prediction: str, ground_truths: Sequence[str]) -> flo
     VQA accuracy: an answer given by >= 4 annotators scores 1, by 3 scores 0.9, 2 -> 0.6,
     1 -> 0.3.
     """
-    gts = _check_ground_truths(ground_truths)
-    _check_str(prediction, "prediction")
+    gts = check_ground_truths(ground_truths)
+    check_str(prediction, "prediction")
     n_match = sum(1 for gt in gts if gt == prediction)
     total = 0.0
     for gt in gts:
@@ -202,8 +204,8 @@ def vqav2_accuracy(
     full EvalAI processor (:func:`normalize_answer`) on the prediction; this is the number the
     A-VL paper's VQAv2 results were computed with.
     """
-    gts = [_clean(gt) for gt in _check_ground_truths(ground_truths)]
-    _check_str(prediction, "prediction")
+    gts = [_clean(gt) for gt in check_ground_truths(ground_truths)]
+    check_str(prediction, "prediction")
     if variant == "official":
         pred = _clean(prediction)
     elif variant == "lmms_eval":
@@ -220,27 +222,9 @@ def textvqa_accuracy(prediction: str, ground_truths: Sequence[str]) -> float:
     """TextVQA accuracy of one question (mmf ``TextVQAAccuracyEvaluator`` = lmms-eval 0.2.x
     ``textvqa_process_results``): :func:`normalize_answer` on the prediction and on every
     ground truth, then :func:`leave_one_out_accuracy`."""
-    gts = [normalize_answer(gt) for gt in _check_ground_truths(ground_truths)]
+    gts = [normalize_answer(gt) for gt in check_ground_truths(ground_truths)]
     return leave_one_out_accuracy(normalize_answer(prediction), gts)
 
 
 def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
-
-
-def _check_str(value: object, what: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}: {value!r}")
-
-
-def _check_ground_truths(ground_truths: Sequence[str]) -> Sequence[str]:
-    if isinstance(ground_truths, str):
-        raise TypeError(
-            f"ground_truths must be a sequence of str, got a single str {ground_truths!r}; "
-            "wrap it in a list"
-        )
-    if len(ground_truths) == 0:
-        raise ValueError("ground_truths is empty: a question needs at least one answer")
-    for gt in ground_truths:
-        _check_str(gt, "ground truth")
-    return ground_truths
