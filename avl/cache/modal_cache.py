@@ -262,6 +262,7 @@ def attend(layer: LayerCache, q: Tensor, k_new: Tensor, v_new: Tensor, position:
     """Append the new token's k/v, then attend the selected rows: out [B, Hq, 1, D], probs [B, Hq, M]."""
     layer.append(k_new, v_new, position)
     idx = layer.indices(refresh)
-    out, probs = gathered_attention(q, layer.k, layer.v, idx, scale)
+    # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
+    out, probs = gathered_attention(q, layer.k, layer.v, idx, scale, validate=False)
     layer.used.copy_((idx >= 0).sum())
     return out, probs
