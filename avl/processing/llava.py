@@ -98,16 +98,8 @@ class LlavaProcessor:
         config = read_optional_json(root / "config.json")
         if num_image_tokens is None:
             num_image_tokens = _num_image_tokens_from_configs(root, image_processor, config)
-        config_image_id = config.get("image_token_index", config.get("image_token_id"))
         if image_token_id is None:
-            image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
-            if image_token_id is None:
-                image_token_id = config_image_id
-            elif config_image_id is not None and int(config_image_id) != image_token_id:
-                raise ValueError(
-                    f"config.json image_token_index={config_image_id} but the tokenizer's {IMAGE_TOKEN!r} "
-                    f"id is {image_token_id} in {str(root)!r}"
-                )
+            image_token_id = image_token_id_of(tokenizer, config, root)
         return cls(tokenizer, image_processor, num_image_tokens=num_image_tokens, image_token_id=image_token_id)
 
     def __call__(
@@ -129,6 +121,19 @@ class LlavaProcessor:
         Raises:
             ValueError: the number of `<image>` placeholders differs from the number of images.
         """
+        token_ids, pil_images = self.tokenize(prompts, images)
+        out = self.pack(token_ids, [self.num_image_tokens] * len(pil_images))
+        if pil_images:
+            out["pixel_values"] = self.image_processor(pil_images)
+        return out
+
+    def tokenize(
+        self,
+        prompts: str | Sequence[str],
+        images: ImageLike | Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None,
+    ) -> tuple[list[list[int]], list[Image.Image]]:
+        """Token ids of each prompt (placeholders not yet expanded) and its images, opened, in
+        placeholder order across the batch. Raises if placeholders and images do not match."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -138,15 +143,20 @@ class LlavaProcessor:
             if not isinstance(p, str):
                 raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
         token_ids = self.tokenizer.encode_batch(prompts, add_special_tokens=True)
-        counts = [ids.count(self.image_token_id) for ids in token_ids]
-        flat_images = self._match_images(counts, images)
+        flat_images = self._match_images([ids.count(self.image_token_id) for ids in token_ids], images)
+        return token_ids, [im if isinstance(im, Image.Image) else load_image(im) for im in flat_images]
 
-        rows = [self._expand(ids) for ids in token_ids]
-        out = self._left_pad(rows)
-        if flat_images:
-            pil_images = [im if isinstance(im, Image.Image) else load_image(im) for im in flat_images]
-            out["pixel_values"] = self.image_processor(pil_images)
-        return out
+    def pack(self, token_ids: list[list[int]], lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Replace the k-th placeholder of the batch by `lengths[k]` image-token ids, then left-pad:
+        `input_ids`, `attention_mask` [B, L]."""
+        counts = iter(lengths)
+        rows = []
+        for ids in token_ids:
+            row: list[int] = []
+            for t in ids:
+                row.extend([t] * next(counts) if t == self.image_token_id else [t])
+            rows.append(row)
+        return self._left_pad(rows)
 
     def _match_images(self, counts: list[int], images: Any) -> list[ImageLike]:
         """Check placeholders against images; return the images in placeholder order."""
@@ -179,15 +189,6 @@ class LlavaProcessor:
             )
         return images
 
-    def _expand(self, ids: list[int]) -> list[int]:
-        out: list[int] = []
-        for t in ids:
-            if t == self.image_token_id:
-                out.extend([t] * self.num_image_tokens)
-            else:
-                out.append(t)
-        return out
-
     def _left_pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         length = max(len(r) for r in rows)
         if any(len(r) != length for r in rows) and self.pad_token_id is None:
@@ -208,6 +209,21 @@ class LlavaProcessor:
     def batch_decode(self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
         """`decode` for each row of a batch."""
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+
+
+def image_token_id_of(tokenizer: Tokenizer, config: dict[str, Any], root: Path) -> int | None:
+    """The tokenizer's `<image>` id, checked against `config.json`'s `image_token_index` /
+    `image_token_id`; the config's id when the tokenizer has no `<image>` token."""
+    config_image_id = config.get("image_token_index", config.get("image_token_id"))
+    image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    if image_token_id is None:
+        return config_image_id
+    if config_image_id is not None and int(config_image_id) != image_token_id:
+        raise ValueError(
+            f"config.json image_token_index={config_image_id} but the tokenizer's {IMAGE_TOKEN!r} "
+            f"id is {image_token_id} in {str(root)!r}"
+        )
+    return image_token_id
 
 
 def _num_image_tokens_from_configs(root: Path, image_processor: ClipImageProcessor, config: dict[str, Any]) -> int:

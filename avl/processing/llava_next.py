@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from avl.processing.anyres import LlavaNextImageProcessor, Size, check_image_size
 from avl.processing.chat import IMAGE_TOKEN, llava15_prompt
 from avl.processing.files import read_optional_json
-from avl.processing.image import ImageLike, load_image
-from avl.processing.llava import LlavaProcessor
+from avl.processing.image import ImageLike
+from avl.processing.llava import LlavaProcessor, image_token_id_of
 from avl.processing.tokenizer import Tokenizer
 
 PROMPT_VARIANTS = ("vicuna", "mistral")
@@ -123,16 +122,8 @@ class LlavaNextProcessor:
                 f"cannot infer patch_size in {str(root)!r}: no patch_size in processor_config.json or config.json "
                 "vision_config; pass patch_size"
             )
-        config_image_id = config.get("image_token_index", config.get("image_token_id"))
         if image_token_id is None:
-            image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
-            if image_token_id is None:
-                image_token_id = config_image_id
-            elif config_image_id is not None and int(config_image_id) != image_token_id:
-                raise ValueError(
-                    f"config.json image_token_index={config_image_id} but the tokenizer's {IMAGE_TOKEN!r} "
-                    f"id is {image_token_id} in {str(root)!r}"
-                )
+            image_token_id = image_token_id_of(tokenizer, config, root)
         return cls(tokenizer, image_processor, patch_size=int(patch_size), image_token_id=image_token_id)
 
     def num_image_tokens(self, image_size: Size) -> int:
@@ -158,42 +149,21 @@ class LlavaNextProcessor:
         Raises:
             ValueError: the number of `<image>` placeholders differs from the number of images.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(f"prompt {i} must be a str, got {type(p).__name__}")
-        token_ids = self.tokenizer.encode_batch(prompts, add_special_tokens=True)
-        flat_images = self._text._match_images([ids.count(self.image_token_id) for ids in token_ids], images)
+        token_ids, pil_images = self._text.tokenize(prompts, images)
         vision: dict[str, torch.Tensor] = {}
         lengths: list[int] = []
-        if flat_images:
-            vision = self.image_processor([im if isinstance(im, Image.Image) else load_image(im) for im in flat_images])
+        if pil_images:
+            vision = self.image_processor(pil_images)
             lengths = [self.num_image_tokens(size) for size in vision["image_sizes"].tolist()]
-        out = self._text._left_pad(self._expand(token_ids, lengths))
-        return {**out, **vision}
-
-    def _expand(self, token_ids: list[list[int]], lengths: list[int]) -> list[list[int]]:
-        """Replace the k-th placeholder of the batch by `lengths[k]` image-token ids."""
-        counts = iter(lengths)
-        rows = []
-        for ids in token_ids:
-            row: list[int] = []
-            for t in ids:
-                row.extend([t] * next(counts) if t == self.image_token_id else [t])
-            rows.append(row)
-        return rows
+        return {**self._text.pack(token_ids, lengths), **vision}
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of one sequence of ids (image and pad tokens are special, so skipped by default)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._text.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
         """`decode` for each row of a batch."""
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+        return self._text.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 __all__ = ["PROMPT_VARIANTS", "LlavaNextProcessor", "llava_next_prompt"]
