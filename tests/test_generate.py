@@ -6,16 +6,8 @@ import pytest
 import torch
 
 import avl
-from tiny_llava import left_pad, prompt_ids
+from tiny_llava import POLICIES, left_pad, prompt_ids
 
-POLICIES = [
-    avl.Full(),
-    avl.AVL(secondary=0.5, core=0.25, refresh_every=2, prefill_keep=0.75, text_keep=0.5),
-    avl.AVL(text_keep=0.3, text_min_budget=2),
-    avl.FastV(layer=1, keep=0.5),
-    avl.H2O(budget=0.5),
-    avl.StreamingLLM(sinks=2, window=8),
-]
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,8 @@ import torch
 
 import avl
 from avl.models.llava_next import LlavaNext, LlavaNextConfig
-from tiny_llava import IMAGE_TOKEN, left_pad, prompt_ids
+from tiny_llava import IMAGE_TOKEN, POLICIES, left_pad, prompt_ids
 
-POLICIES = [
-    avl.Full(),
-    avl.AVL(secondary=0.5, core=0.25, refresh_every=2, prefill_keep=0.75, text_keep=0.5),
-    avl.AVL(text_keep=0.3, text_min_budget=2),
-    avl.FastV(layer=1, keep=0.5),
-    avl.H2O(budget=0.5),
-    avl.StreamingLLM(sinks=2, window=8),
-]
 STEPS = 12
 RAW_CONFIG = {
     "model_type": "llava_next", "image_token_index": IMAGE_TOKEN,

@@ -7,11 +7,24 @@ from pathlib import Path
 
 import torch
 
+import avl
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 AVL_FIXTURES = Path(os.environ.get("AVL_REFERENCE_FIXTURES", SHARED / "fixtures" / "avl-reference"))
 
 IMAGE_TOKEN = 300
 PAD_TOKEN = 301
+
+
+# one policy of each kind, with every A-VL part, for the batched-equals-per-sample tests of each family
+POLICIES = [
+    avl.Full(),
+    avl.AVL(secondary=0.5, core=0.25, refresh_every=2, prefill_keep=0.75, text_keep=0.5),
+    avl.AVL(text_keep=0.3, text_min_budget=2),
+    avl.FastV(layer=1, keep=0.5),
+    avl.H2O(budget=0.5),
+    avl.StreamingLLM(sinks=2, window=8),
+]
 
 
 def tiny_hf_llava_config(num_key_value_heads: int = 4, rope_theta: float = 10000.0, image_size: int = 48):

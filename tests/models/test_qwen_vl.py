@@ -26,6 +26,7 @@ from avl.models.qwen_vl import QwenVL, QwenVLConfig
 from avl.models.qwen_vit import sincos_2d
 from avl.processing.qwen_vl import QwenVLImageProcessor
 from avl.weights import KeyMap, load_checkpoint
+from tiny_llava import POLICIES
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN_FIXTURES = Path(os.environ.get("QWEN_VL_REFERENCE_FIXTURES",
@@ -159,14 +160,6 @@ def test_ntk_alpha_matches_the_original_formula(seq_length):
 # -- cache policies on the fixture model ---------------------------------------------------------
 
 IMG, PAD_ID = 300, 302  # <img> of the fixture config (</img> = 301); PAD_ID also pads the batch
-POLICIES = [
-    avl.Full(),
-    avl.AVL(secondary=0.5, core=0.25, refresh_every=2, prefill_keep=0.75, text_keep=0.5),
-    avl.AVL(text_keep=0.3, text_min_budget=2),
-    avl.FastV(layer=1, keep=0.5),
-    avl.H2O(budget=0.5),
-    avl.StreamingLLM(sinks=2, window=8),
-]
 
 
 def prompt(n_before: int, n_after: int, seed: int, span: int = 16) -> list[int]:
