@@ -69,3 +69,10 @@ def packed_index(keep: Tensor, min_width: int = 0) -> Tensor:
     out = torch.full((keep.shape[0], width + 1), -1, dtype=torch.long, device=keep.device)
     out.scatter_(1, column, torch.arange(keep.shape[1], device=keep.device).expand_as(column))
     return out[:, :width]
+
+
+def top_rows(scores: Tensor, candidates: Tensor, counts: Tensor) -> Tensor:
+    """Mask of the `counts` highest-scoring candidate rows along the last dim (ties: earlier row
+    first). scores, candidates [..., L]; counts broadcasts against [...] (one count per row set)."""
+    ordered = scores.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    return candidates & (ordered.argsort(dim=-1) < counts.unsqueeze(-1))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from avl.cache.layout import top_rows
 from avl.ops import gathered_attention
 
 
@@ -75,15 +76,8 @@ def keep_heavy_and_recent(live: Tensor, time: Tensor, score: Tensor, heavy: Tens
     """H2O selection per head: the `recent` most recent live rows plus the `heavy` live rows with
     the highest score among the others. live/time/score [B, H, E], heavy/recent [B].
     Returns the keep mask [B, H, E]; keeps everything when the live count is within the sum."""
-    recent = recent[:, None, None]
-    heavy = heavy[:, None, None]
-    newest_first = torch.where(live, time, time.new_tensor(-1)).argsort(dim=-1, descending=True, stable=True)
-    recency_rank = newest_first.argsort(dim=-1)
-    keep_recent = live & (recency_rank < recent)
-    candidates = live & ~keep_recent
-    ordered = torch.where(candidates, score, score.new_tensor(float("-inf")))
-    heavy_rank = ordered.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    return keep_recent | (candidates & (heavy_rank < heavy))
+    keep_recent = top_rows(time.to(torch.float64), live, recent[:, None])  # positions are exact in float64
+    return keep_recent | top_rows(score, live & ~keep_recent, heavy[:, None])
 
 
 @dataclass

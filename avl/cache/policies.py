@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avl.cache.layout import Modality, PromptLayout, packed_index
+from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import Budget, LayerCache, keep_heavy_and_recent
 from avl.models.layers import compute_dtype
 
@@ -249,9 +249,7 @@ def build_layer_cache(
         image_scores = torch.zeros(layout.modality.shape, dtype=torch.float32, device=k.device)
     else:
         secondary, core_count = (torch.minimum(c, image.sum(-1)) for c in counts)
-    ranked = image_scores.masked_fill(~image, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-    rank = ranked.argsort(dim=-1)
-    kept_image = image & (rank < secondary[:, None])
+    kept_image = top_rows(image_scores, image, secondary)
 
     pinned_rows = packed_index(roles == Role.PINNED)  # [B, A]
     vision_rows = packed_index(kept_image)  # [B, Nv]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from avl.cache.layout import PromptLayout
+from avl.cache.layout import PromptLayout, top_rows
 from avl.cache.modal_cache import Budget
 from avl.cache.policies import Full, Policy
 
@@ -109,14 +109,6 @@ def kept_counts(candidates: Tensor, keep: float) -> Tensor:
     candidates [B, N] -> [B]."""
     n = candidates.sum(-1)
     return (n.double() * keep).long().clamp(min=1).minimum(n)
-
-
-def top_rows(scores: Tensor, candidates: Tensor, count: Tensor) -> Tensor:
-    """Mask of the `count` highest-scoring candidate rows along the last axis (ties: lower index first).
-    scores [..., N], candidates [..., N] and count [...] broadcast against each other."""
-    ranked = scores.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-    rank = ranked.argsort(dim=-1)
-    return candidates & (rank < count[..., None])
 
 
 def select_features(probs: Tensor, candidates: Tensor, keep: float, criterion: str) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from avl.cache.layout import Modality, PromptLayout, packed_index
+from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import LayerCache, ModalCache, attend
 from avl.cache.policies import Policy, build_layer_cache, decode_update
 from avl.models.layers import attention_probs, prefill_attention
@@ -89,8 +89,7 @@ class CachedDecoder(nn.Module):
     def _drop_image_rows(h: Tensor, layout: PromptLayout, scores: Tensor, keep: Tensor) -> tuple[Tensor, PromptLayout]:
         """Keep the top `keep` [B] image rows by score (and every other row), original order and positions."""
         image = layout.modality == Modality.IMAGE
-        rank = scores.masked_fill(~image, float("-inf")).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        index = packed_index(layout.valid & (~image | (rank < keep[:, None])))  # [B, L']
+        index = packed_index(layout.valid & (~image | top_rows(scores, image, keep)))  # [B, L']
         h = h.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))
         return h, layout.select(index)
 
