@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM, split_policy
 from avl.cache.trim import Trim
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
@@ -20,7 +20,7 @@ from avl.weights import resolve_checkpoint
 POLICIES = ("full", "avl", "fastv", "h2o", "streaming", "trim")
 
 
-def policy_from_args(args: argparse.Namespace) -> Policy:
+def policy_from_args(args: argparse.Namespace) -> Policy | FeaturePolicy:
     """The policy named by --policy with its fields. Raises ValueError for another policy's field
     or a bad value."""
     fields = {
@@ -56,16 +56,17 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sinks", type=int, help="StreamingLLM: sink rows (default 4)")
     group.add_argument("--window", type=int, help="StreamingLLM: recent rows (default 256)")
     group.add_argument("--trim-keep", type=float, help="Trim (Llama-3.2-Vision): image features kept (default 0.5)")
-    group.add_argument("--trim-criterion", choices=("sum", "head_union"), help="Trim: feature scoring (default sum)")
+    group.add_argument("--trim-criterion", choices=("sum", "head_union"), help="Trim: feature scoring (default head_union)")
 
 
-def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy,
+def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy | FeaturePolicy,
                  args: argparse.Namespace) -> None:
     directory = resolve_checkpoint(model_dir)
     model = load(directory, dtype=args.dtype, device=args.device)
     processor = load_chat_processor(directory)
     inputs = {k: v.to(args.device) for k, v in processor([prompt], [image]).items()}
-    out = generate(model, **inputs, policy=policy, max_new_tokens=args.max_new_tokens,
+    sequence_policy, feature_policy = split_policy(policy)
+    out = generate(model, **inputs, policy=sequence_policy, feature_policy=feature_policy, max_new_tokens=args.max_new_tokens,
                    eos_token_id=list(processor.stop_token_ids), compile=args.compile)
     print(f"answer: {processor.decode(out.tokens[0])}")
     print(f"\npolicy: {policy}\nKV cache after the last step (rows per sample and KV head; MB for the batch):")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(policy, args)
 
 
-def run_demo(policy: Policy, args: argparse.Namespace) -> None:
+def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
     from PIL import Image
 
     from avl.tiny import build_tiny_llava

@@ -2,37 +2,65 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from avl.cache.modal_cache import CacheStats, ModalCache
-from avl.cache.policies import Full, Policy
+from avl.cache.modal_cache import CacheStats, DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Full, Policy
 from avl.models.layers import compute_dtype
 
 
 class Generative(Protocol):
     """What `generate` needs of a model: a prefill building the cache, a decode step using it.
     A model whose images need more than pixels (LLaVA-NeXT's `image_sizes`, Llama-3.2-Vision's
-    aspect ratios and cross-attention mask) takes them as keyword arguments of `prefill`."""
+    aspect ratios and cross-attention mask) takes them as keyword arguments of `prefill`.
+    `max_positions` is the longest sequence its position embedding supports."""
+
+    max_positions: int
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int, **image_inputs: Tensor) -> tuple[Tensor, ModalCache]: ...
+                new_tokens: int, feature_policy: FeaturePolicy | None = None,
+                **image_inputs: Tensor) -> tuple[Tensor, ModalCache]: ...
 
-    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor: ...
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor: ...
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds of a generation (synchronised on CUDA): `prefill_s` is the time to the
+    first token's logits, `step_s` one entry per decode step (time per output token after the first)."""
+
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
 
 
 @dataclass
 class GenerationOutput:
     """tokens [B, new] (after a sample's EOS: `pad_token_id`, or the EOS id); logits [B, new, vocab]
-    (next-token logits at each step, float32, or float64 for a float64 model) when asked; stats: the cache accounting after the
-    last step."""
+    (next-token logits at each step, float32, or float64 for a float64 model) when asked; stats: the
+    cache accounting after the last step; timings: prefill and per-step wall-clock seconds."""
 
     tokens: Tensor
     logits: Tensor | None
     stats: CacheStats
+    timings: Timings
+
+
+def compile_decode(model: Generative) -> Callable[[Tensor, ModalCache, DecodeStep], Tensor]:
+    """`model.decode` under `torch.compile(fullgraph=True)`: one graph for ordinary steps and one for
+    refresh steps. The steps' evictable widths grow by one row at a time, so they are compiled as
+    symbolic sizes (`dynamic=True`) rather than one graph per width; pass `cache.next_step()`."""
+    return torch.compile(model.decode, fullgraph=True, dynamic=True)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _check(name: str, ok: bool, allowed: str, value: object) -> None:
@@ -61,6 +89,7 @@ def generate(
     pixel_values: Tensor | None = None,
     attention_mask: Tensor | None = None,
     policy: Policy | None = None,
+    feature_policy: FeaturePolicy | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -79,12 +108,16 @@ def generate(
     image tensors of a family, by transformers' names, as its processor returns them: LLaVA-NeXT's
     `image_sizes` [N_images, 2] (height, width, with pixel_values [N_images, tiles, 3, H, W]);
     Llama-3.2-Vision's `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`.
-    `policy` (default `Full()`) decides what the cache keeps. With `compile=True` the decode step
-    runs under `torch.compile(fullgraph=True)`: one graph, plus a second one for a policy's
-    refresh steps.
+    `policy` (default `Full()`) decides what the cache keeps; `feature_policy` (e.g. `Trim`) which
+    image features enter the cross-attention layers of a model that has them. With `compile=True`
+    the decode step runs under `torch.compile(fullgraph=True)` (`compile_decode`): one graph, plus a
+    second one for a policy's refresh steps.
     Generation stops early once every sample has produced an EOS id.
     """
     policy = policy if policy is not None else Full()
+    if isinstance(policy, FeaturePolicy):
+        raise TypeError(f"policy={policy!r} selects image features: pass it as feature_policy=..., with the "
+                        "sequence policy (default Full()) as policy=...")
     _check("input_ids", input_ids.dim() == 2 and input_ids.shape[1] > 0, "a [batch, length] tensor", tuple(input_ids.shape))
     _check("max_new_tokens", isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an integer >= 1", max_new_tokens)
     _check("temperature", temperature > 0, "> 0", temperature)
@@ -99,10 +132,17 @@ def generate(
                        else list(eos_token_id), device=input_ids.device, dtype=torch.long)
     fill = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
 
-    logits, cache = model.prefill(input_ids, attention_mask, pixel_values, policy, max_new_tokens, **image_inputs)
-    step: Callable[..., Tensor] = model.decode
-    if compile:
-        step = torch.compile(model.decode, fullgraph=True, dynamic=False)
+    longest = int(attention_mask.sum(-1).max())
+    limit = getattr(model, "max_positions", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"the prompt length {longest} + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
+                         f"exceeds the model's max_position_embeddings={limit}")
+    timings = Timings()
+    start = _clock(input_ids.device)
+    logits, cache = model.prefill(input_ids, attention_mask, pixel_values, policy, max_new_tokens - 1,
+                                  feature_policy=feature_policy, **image_inputs)
+    timings.prefill_s = _clock(input_ids.device) - start
+    step: Callable[..., Tensor] = compile_decode(model) if compile else model.decode
     tokens, all_logits = [], []
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for t in range(max_new_tokens):
@@ -113,11 +153,12 @@ def generate(
         done |= torch.isin(token, eos)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
-        interval = policy.refresh_interval()
-        refresh = interval is not None and (t + 1) % interval == 0
-        logits = step(token, cache, policy, refresh)
+        start = _clock(input_ids.device)
+        logits = step(token, cache, cache.next_step())
+        timings.step_s.append(_clock(input_ids.device) - start)
     return GenerationOutput(
         tokens=torch.stack(tokens, dim=1),
         logits=torch.stack(all_logits, dim=1) if output_logits else None,
         stats=cache.stats(),
+        timings=timings,
     )

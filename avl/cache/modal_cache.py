@@ -1,14 +1,24 @@
-"""`ModalCache`: the typed KV cache of a generation, one `LayerCache` per decoder layer.
+"""`ModalCache`: the typed KV cache of a generation, one entry per decoder block.
 
-Slot layout of a layer's K/V buffers `[B, Hkv, slots, D]`:
+A self-attention block has a `LayerCache`. Slot layout of its K/V buffers `[B, Hkv, slots, D]`:
 
     [ system rows | kept image rows (secondary) | evictable rows ]
       pinned: never evicted, shared by all heads  |  per head, budgeted
 
-A decode step attends the system rows, the image rows of this step (the core set, or all
-secondary rows on a refresh step) and the live evictable rows, through the gathered-attention
-op; nothing is masked over a full-length cache. All shapes are fixed after prefill, so the
-compiled decode step never changes shape: evictions flip `live` and reuse slots.
+A decode step (`LayerCache.step`) appends the new row, attends the system rows, the image rows
+of this step (the core set, or all secondary rows on a refresh step) and the evictable rows up to
+the step's width, through the gathered-attention op, and then updates the policy's statistics.
+What a step reads follows what is live:
+
+- the core index is as wide as the batch's largest core count, not the secondary set;
+- the evictable region is attended, scored and evicted only up to `width`, the highest slot any
+  row of the batch can occupy at this step. New rows take the first free slot, so occupied slots
+  stay below the largest live count seen so far; the host knows that count without reading the
+  device (`DecodePlan`), so the capacity sized at prefill for `max_new_tokens` costs nothing.
+
+Buffers never change shape after prefill; `width` is a Python int that `torch.compile(dynamic=True)`
+treats as one symbolic size, so compiled decode stays one graph per step kind (ordinary, refresh).
+A cross-attention block (Llama-3.2-Vision) has a `CrossLayerCache`: image K/V built once in prefill.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ class Budget:
       each floored separately;
     - `fixed` (StreamingLLM): that many recent rows;
     - neither: no eviction.
+
+    Both counts grow by at most one per row seen, so a decode step evicts at most one row per head.
     """
 
     ratio: float | None = None
@@ -72,72 +84,118 @@ class Budget:
         return min(seen_final, int(self.rows(torch.tensor([seen_final]))[0]) + 1)
 
 
-def keep_heavy_and_recent(live: Tensor, time: Tensor, score: Tensor, heavy: Tensor, recent: Tensor) -> Tensor:
+def keep_heavy_and_recent(live: Tensor, order: Tensor, score: Tensor, heavy: Tensor, recent: Tensor) -> Tensor:
     """H2O selection per head: the `recent` most recent live rows plus the `heavy` live rows with
-    the highest score among the others. live/time/score [B, H, E], heavy/recent [B].
+    the highest score among the others (ties: the lower slot). live/order/score [B, H, E] (`order`:
+    when the row entered, larger is more recent), heavy/recent [B].
     Returns the keep mask [B, H, E]; keeps everything when the live count is within the sum."""
-    keep_recent = top_rows(time.to(torch.float64), live, recent[:, None])  # positions are exact in float64
+    keep_recent = top_rows(order.to(torch.float64), live, recent[:, None])  # entry numbers are exact in float64
     return keep_recent | top_rows(score, live & ~keep_recent, heavy[:, None])
 
 
 @dataclass
 class LayerCache:
-    """One decoder layer's cache. Index tensors hold slot numbers, -1 where a sample has fewer rows."""
+    """One self-attention layer's cache. Index tensors hold slot numbers, -1 where a sample has fewer rows."""
 
     k: Tensor  # [B, Hkv, S, D]
     v: Tensor  # [B, Hkv, S, D]
     system: Tensor  # [B, A] slots always attended
     vision: Tensor  # [B, Nv] slots of the kept (secondary) image rows
-    core: Tensor  # [B, Nc] slots of the core image rows, a subset of `vision`
+    core: Tensor  # [B, Nc] slots of the core image rows, a subset of `vision`; Nc = the largest core count
     core_count: Tensor  # [B] core rows per sample
     live: Tensor  # [B, Hkv, E] evictable slot holds a row
-    time: Tensor  # [B, Hkv, E] rotary position of that row (recency)
+    order: Tensor  # [B, Hkv, E] entry number of that row in the evictable region (recency)
     score: Tensor  # [B, Hkv, E] accumulated attention received (heavy-hitter score)
     seen: Tensor  # [B] rows that ever entered the evictable region
-    used: Tensor  # [] head-rows attended in the last decode step (for stats)
+    used: Tensor  # [] head-rows attended in the last step (the prefill's last row until a decode step ran)
+    budget: Budget = field(default_factory=Budget)  # the policy's rule for the evictable rows
 
     @property
     def evictable_start(self) -> int:
         return self.k.shape[2] - self.live.shape[2]
 
-    def indices(self, refresh: bool) -> Tensor:
-        """Slots to attend this step, [B, Hkv, M] int32 (-1 = skip)."""
+    def indices(self, refresh: bool, width: int) -> Tensor:
+        """Slots to attend this step, [B, Hkv, A + (Nv if refresh else Nc) + width] int32 (-1 = skip)."""
         heads = self.live.shape[1]
         image = self.vision if refresh else self.core
         pinned = torch.cat([self.system, image], dim=1)[:, None].expand(-1, heads, -1)
-        slots = torch.arange(self.evictable_start, self.k.shape[2], device=self.k.device)
-        evictable = torch.where(self.live, slots, -1)
+        start = self.evictable_start
+        slots = torch.arange(start, start + width, device=self.k.device)
+        evictable = torch.where(self.live[..., :width], slots, -1)
         return torch.cat([pinned, evictable], dim=2).to(torch.int32)
 
-    def append(self, k_new: Tensor, v_new: Tensor, position: Tensor) -> None:
-        """Write the new token's k/v [B, Hkv, 1, D] into the first free evictable slot of each head.
+    def step(self, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float, refresh: bool, width: int) -> Tensor:
+        """One decode step of this layer: append the new row, attend, update the statistics.
 
-        The region was sized at prefill for the generation's `new_tokens`; it always has a free slot then.
+        q [B, Hq, 1, D], k_new/v_new [B, Hkv, 1, D] -> out [B, Hq, 1, D]. `width` (from `DecodePlan`)
+        bounds the evictable slots read; `refresh` attends all secondary rows and re-ranks the core.
         """
+        self.append(k_new, v_new, width)
+        idx = self.indices(refresh, width)
+        # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
+        out, probs = gathered_attention(q, self.k, self.v, idx, scale, validate=False)
+        self.used.copy_((idx >= 0).sum())
+        if self.budget.evicts:
+            heads = self.live.shape[1]
+            received = probs[:, :, probs.shape[2] - width:].unflatten(1, (heads, -1)).sum(2)  # [B, Hkv, width]
+            self.score[..., :width].add_(received.to(self.score.dtype))
+            self.evict_one(width)
+        if refresh:
+            start = self.system.shape[1]
+            self.refresh_core(probs[:, :, start:start + self.vision.shape[1]].mean(1))
+        return out
+
+    def append(self, k_new: Tensor, v_new: Tensor, width: int) -> None:
+        """Write the new token's k/v [B, Hkv, 1, D] into the first free evictable slot of each head,
+        which lies below `width` (the plan guarantees it)."""
         b, heads = self.live.shape[:2]
-        free = (~self.live).int().argmax(dim=-1)  # [B, Hkv]
+        free = (~self.live[..., :width]).int().argmax(dim=-1)  # [B, Hkv]
         batch = torch.arange(b, device=free.device)[:, None]
         head = torch.arange(heads, device=free.device)[None, :]
         # advanced-index writes (index_put_): on CPU far faster than scatter_ for half types
         self.k[batch, head, free + self.evictable_start] = k_new[:, :, 0]
         self.v[batch, head, free + self.evictable_start] = v_new[:, :, 0]
         self.live[batch, head, free] = True
-        self.time[batch, head, free] = position[:, None]
+        self.order[batch, head, free] = self.seen[:, None]
         self.score[batch, head, free] = 0.0
         self.seen.add_(1)
 
-    def evict(self, budget: Budget) -> None:
-        """Drop evictable rows over the budget (after the step's attention)."""
-        keep = keep_heavy_and_recent(self.live, self.time, self.score, *budget.counts(self.seen))
-        self.live.copy_(keep)
+    def evict_one(self, width: int) -> None:
+        """Apply the budget after a step's attention: where a head holds more live rows than the
+        budget, drop its lowest-score row outside the recent window (ties: the higher slot).
+
+        The budget grows by at most one row per row seen, and every row of the recent window is
+        live (the window never shrinks), so this equals `keep_heavy_and_recent` recomputed over all
+        live rows, at O(width) per head instead of a sort."""
+        heavy, recent = self.budget.counts(self.seen)  # [B]
+        live, order, score = self.live[..., :width], self.order[..., :width], self.score[..., :width]
+        over = live.sum(-1) > (heavy + recent)[:, None]  # [B, Hkv]
+        old = live & (order < (self.seen - recent)[:, None, None])
+        masked = score.masked_fill(~old, float("inf"))
+        lowest = old & (masked == masked.amin(-1, keepdim=True))
+        slots = torch.arange(1, width + 1, device=live.device)
+        victim = (lowest * slots).argmax(-1, keepdim=True)  # the last slot among the lowest
+        live.masked_fill_(over[..., None] & (slots - 1 == victim), False)
 
     def refresh_core(self, image_probs: Tensor) -> None:
-        """Re-rank the core set from this step's head-mean probabilities over `vision` [B, Nv]."""
+        """Re-rank the core set from this step's head-mean probabilities over `vision` [B, Nv].
+        The core keeps ascending slot order, so the op reads it front to back."""
         ranked = image_probs.masked_fill(self.vision < 0, float("-inf")).argsort(dim=-1, descending=True, stable=True)
         width = self.core.shape[1]
         core = self.vision.gather(1, ranked[:, :width])
         taken = torch.arange(width, device=core.device)[None, :] < self.core_count[:, None]
-        self.core.copy_(torch.where(taken, core, -1))
+        beyond = self.k.shape[2]  # sorts after every slot
+        core = torch.where(taken, core, beyond).sort(dim=-1).values
+        self.core.copy_(torch.where(core < beyond, core, -1))
+
+    def live_rows(self) -> Tensor:
+        """The largest live count over the heads of each sample, [B]."""
+        return self.live.sum(-1).amax(-1)
+
+    def occupied_width(self) -> int:
+        """1 + the highest occupied evictable slot of the batch (0 if none); reads the device."""
+        slots = torch.arange(1, self.live.shape[2] + 1, device=self.live.device)
+        return int((self.live * slots).amax()) if self.live.numel() else 0
 
     def bytes_per_head_row(self) -> int:
         return 2 * self.k.shape[-1] * self.k.element_size()
@@ -153,7 +211,9 @@ class LayerCache:
 @dataclass(frozen=True)
 class LayerStats:
     """Rows are counted per sample and KV head, divided by the heads: a row is one token's K and V.
-    `kind` is "self" for a self-attention layer, "cross" for a cross-attention (image) layer."""
+    `kind` is "self" for a self-attention layer, "cross" for a cross-attention (image) layer.
+    `used` is what the last step attended: the last decode step, or the prefill's last prompt row
+    when no decode step ran (the first token was EOS, or `max_new_tokens=1`)."""
 
     kind: str
     stored_rows: float
@@ -167,9 +227,11 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Cache accounting of a generation: per layer and in total, against the uncompressed cache."""
+    """Cache accounting of a generation: per layer and in total, against the uncompressed cache.
+    `decode_steps`: decode steps run (0: the `used` columns are the prefill's last row)."""
 
     layers: list[LayerStats]
+    decode_steps: int = 0
 
     @property
     def total(self) -> LayerStats:
@@ -186,7 +248,8 @@ class CacheStats:
 
     def table(self) -> str:
         """A plain-text table: one line per layer and the totals, with % of the full cache."""
-        head = (f"{'layer':>9} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {'used rows':>10} {'used MB':>9}"
+        used = "used rows" if self.decode_steps else "used@pre"
+        head = (f"{'layer':>9} {'stored rows':>12} {'stored MB':>10} {'%full':>6} {used:>10} {'used MB':>9}"
                 f" {'%full':>6} {'full MB':>9}")
         kinds = sorted({s.kind for s in self.layers})
         rows = [(f"{'x' if s.kind == 'cross' else ''}{i}", s) for i, s in enumerate(self.layers)]
@@ -200,6 +263,8 @@ class CacheStats:
                 f" {s.used_rows:>10.1f} {s.used_bytes / 2**20:>9.3f} {100 * s.used_bytes / full:>6.1f}"
                 f" {s.full_bytes / 2**20:>9.3f}"
             )
+        if not self.decode_steps:
+            lines.append("no decode step ran: 'used' is what the prefill's last prompt row attended")
         return "\n".join(lines)
 
 
@@ -220,18 +285,88 @@ class CrossLayerCache:
                           full, full * heads * per_row)
 
 
-@dataclass
-class ModalCache:
-    """The whole cache of a generation: per-layer caches and the decode position of each sample.
+@dataclass(frozen=True)
+class DecodeStep:
+    """What a decode step needs from the host: whether it is a refresh step, and per block the
+    evictable width its `LayerCache.step` reads (0 for cross-attention blocks)."""
 
-    `cross` holds the cross-attention layers' image K/V of cross-attention models (Llama-3.2-Vision),
-    in layer order; it is empty for models that put image tokens in the sequence.
+    refresh: bool
+    widths: tuple[int, ...]
+
+
+class DecodePlan:
+    """Host-side bookkeeping of the decode steps a cache allows: counts the steps, raises past
+    the capacity sized at prefill, and tracks each layer's live high-water mark without reading
+    the device (one read at prefill).
+
+    Per self-attention layer it keeps the largest live count of each sample: a step adds one row
+    and the budget then keeps `min(rows, budget.rows(seen))`. New rows take the first free slot,
+    so occupied slots stay below the largest live count reached: that is the step's width.
     """
 
-    layers: list[LayerCache]
+    def __init__(self, layers: list[LayerCache | CrossLayerCache | None], budget: Budget, new_tokens: int,
+                 refresh_every: int | None) -> None:
+        self.budget, self.new_tokens, self.refresh_every = budget, new_tokens, refresh_every
+        self.steps = 0
+        self._blocks = [i for i, layer in enumerate(layers) if isinstance(layer, LayerCache)]
+        self._n_blocks = len(layers)
+        caches = [layers[i] for i in self._blocks]
+        if caches:
+            self._live = torch.stack([c.live_rows() for c in caches]).cpu()  # [layers, B]
+            self._seen = caches[0].seen.cpu().clone()  # [B]: every layer sees the same evictable rows
+            self._width = torch.tensor([c.occupied_width() for c in caches])  # [layers]
+
+    def next(self) -> DecodeStep:
+        """Plan the next decode step. Raises ValueError past the `new_tokens` the cache was sized for."""
+        if self.steps >= self.new_tokens:
+            raise ValueError(f"decode step {self.steps + 1} is past the capacity of this cache: prefill sized it for "
+                             f"new_tokens={self.new_tokens} decode steps; prefill again with a larger new_tokens")
+        self.steps += 1
+        widths = [0] * self._n_blocks
+        if self._blocks:
+            self._seen += 1
+            grown = self._live + 1  # rows held right after this step's append
+            self._width = torch.maximum(self._width, grown.amax(-1))
+            for block, width in zip(self._blocks, self._width.tolist()):
+                widths[block] = width
+            self._live = torch.minimum(grown, self.budget.rows(self._seen)) if self.budget.evicts else grown
+        refresh = self.refresh_every is not None and self.steps % self.refresh_every == 0
+        return DecodeStep(refresh, tuple(widths))
+
+
+@dataclass
+class ModalCache:
+    """The whole cache of a generation: one entry per decoder block (a `LayerCache` for
+    self-attention, a `CrossLayerCache` for cross-attention, None for a cross-attention block that
+    has no image to attend), the policy it was built for, and the decode position of each sample.
+
+    `rotary_state` is a family's per-sample rotary state that decode needs besides the position
+    (Qwen-VL: the dynamic-NTK alpha of the prompt, [B] float64); None for the others.
+    """
+
+    layers: list[LayerCache | CrossLayerCache | None]
+    policy: object  # the `Policy` the cache was built for (typed loosely: policies import this module)
     next_position: Tensor  # [B] rotary position of the next token
     full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
-    cross: list[CrossLayerCache] = field(default_factory=list)
+    new_tokens: int  # decode steps the capacity was sized for
+    rotary_state: Tensor | None = None
+    plan: DecodePlan = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.plan = DecodePlan(self.layers, self.policy.eviction(), self.new_tokens, self.policy.refresh_interval())
+
+    @property
+    def self_layers(self) -> list[LayerCache]:
+        return [layer for layer in self.layers if isinstance(layer, LayerCache)]
+
+    @property
+    def cross(self) -> list[CrossLayerCache]:
+        """The cross-attention layers' image caches, in layer order (empty for decoder-only models)."""
+        return [layer for layer in self.layers if isinstance(layer, CrossLayerCache)]
+
+    def next_step(self) -> DecodeStep:
+        """The host-side plan of the next decode step (pass it to `model.decode` when compiled)."""
+        return self.plan.next()
 
     def advance(self) -> None:
         """After a decode step: the next token is one position further, the full cache one row longer."""
@@ -240,7 +375,7 @@ class ModalCache:
 
     def stats(self) -> CacheStats:
         out = []
-        for layer in self.layers:
+        for layer in self.self_layers:
             heads, per_row = layer.live.shape[1], layer.bytes_per_head_row()
             stored, used = layer.stored_head_rows(), int(layer.used)
             full = int(self.full_rows.sum())
@@ -248,15 +383,4 @@ class ModalCache:
                 kind="self", stored_rows=stored / heads, stored_bytes=stored * per_row, allocated_bytes=layer.allocated_bytes(),
                 used_rows=used / heads, used_bytes=used * per_row, full_rows=full, full_bytes=full * heads * per_row,
             ))
-        return CacheStats(out + [layer.stats() for layer in self.cross])
-
-
-def attend(layer: LayerCache, q: Tensor, k_new: Tensor, v_new: Tensor, position: Tensor, refresh: bool,
-           scale: float) -> tuple[Tensor, Tensor]:
-    """Append the new token's k/v, then attend the selected rows: out [B, Hq, 1, D], probs [B, Hq, M]."""
-    layer.append(k_new, v_new, position)
-    idx = layer.indices(refresh)
-    # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
-    out, probs = gathered_attention(q, layer.k, layer.v, idx, scale, validate=False)
-    layer.used.copy_((idx >= 0).sum())
-    return out, probs
+        return CacheStats(out + [layer.stats() for layer in self.cross], decode_steps=self.plan.steps)

@@ -1,7 +1,8 @@
 """KV-cache policies: what each layer's cache keeps after prefill and attends in decode.
 
 A policy is a small frozen dataclass, shared by all layers (per-layer state lives in the
-cache). It answers four questions, and `build_layer_cache` / `decode_update` do the rest:
+cache). It answers these questions; `build_layer_cache` applies them at prefill and
+`LayerCache.step` in decode (the cache holds the policy's `Budget`):
 
 - `roles(layout)`: which prompt rows are pinned (always attended), image rows subject to the
   secondary/core selection, or evictable under a `Budget`;
@@ -81,6 +82,12 @@ class Policy:
     def needs_image_scores(self, layer: int) -> bool:
         """Whether prefill `layer` must score image rows by the last prompt token's attention."""
         return self.selects_image_rows() or self.prune_keep(layer) is not None
+
+
+class FeaturePolicy:
+    """Base of the policies that select image features before they enter the language model or
+    its cross-attention (`Trim`), composed with a sequence `Policy` at the call:
+    `generate(..., policy=..., feature_policy=...)`."""
 
 
 @dataclass(frozen=True)
@@ -256,9 +263,11 @@ def build_layer_cache(
     pinned_index = torch.cat([pinned_rows, vision_rows], dim=1)  # [B, A + Nv] token index per slot
     n_pinned = pinned_rows.shape[1]
 
-    evict_rows = packed_index(roles == Role.EVICTABLE, min_width=1)[:, None].expand(-1, heads, -1)  # [B, Hkv, E0]
+    evictable = roles == Role.EVICTABLE
+    evict_rows = packed_index(evictable, min_width=1)[:, None].expand(-1, heads, -1)  # [B, Hkv, E0]
     present = evict_rows >= 0
-    time = layout.positions[:, None].expand(-1, heads, -1).gather(2, evict_rows.clamp(min=0))
+    entry = (evictable.long().cumsum(-1) - 1).clamp(min=0)  # [B, L] entry number among the evictable rows
+    order = entry[:, None].expand(-1, heads, -1).gather(2, evict_rows.clamp(min=0))
     score_dtype = compute_dtype(k.dtype)
     if evict_scores is None:
         score = torch.zeros(present.shape, dtype=score_dtype, device=k.device)
@@ -268,14 +277,16 @@ def build_layer_cache(
     budget = policy.eviction()
     keep = present
     if budget.evicts:
-        keep = keep_heavy_and_recent(present, time, score, *budget.counts(seen))
-    capacity = max(budget.capacity(int(s) + new_tokens) for s in seen)
+        keep = keep_heavy_and_recent(present, order, score, *budget.counts(seen))
+    # one spare slot: a step's width then never spans the whole region, which compiled decode would
+    # otherwise trace as a separate graph (a slice covering its tensor is specialised)
+    capacity = max(budget.capacity(int(s) + new_tokens) for s in seen) + 1
     grow = max(capacity - present.shape[2], 0)
-    keep, evict_rows, time, score = (F.pad(x, (0, grow), value=fill) for x, fill in
-                                     ((keep, False), (evict_rows, -1), (time, 0), (score, 0.0)))
-    order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[:, :, :capacity]  # kept rows first
-    live = keep.gather(2, order)  # [B, Hkv, E]
-    evict_index = evict_rows.gather(2, order).masked_fill(~live, -1)
+    keep, evict_rows, order, score = (F.pad(x, (0, grow), value=fill) for x, fill in
+                                      ((keep, False), (evict_rows, -1), (order, 0), (score, 0.0)))
+    slot_order = (~keep).to(torch.int8).argsort(dim=-1, stable=True)[:, :, :capacity]  # kept rows first
+    live = keep.gather(2, slot_order)  # [B, Hkv, E]
+    evict_index = evict_rows.gather(2, slot_order).masked_fill(~live, -1)
 
     def rows_of(x: Tensor, index: Tensor) -> Tensor:  # x [B, Hkv, L, D], index [B, Hkv, S] -> [B, Hkv, S, D]
         picked = x.gather(2, index.clamp(min=0)[..., None].expand(-1, -1, -1, x.shape[-1]))
@@ -286,35 +297,29 @@ def build_layer_cache(
     slot_ids = torch.arange(pinned_index.shape[1], device=k.device)[None].expand(b, -1)
     system = torch.where(pinned_rows >= 0, slot_ids[:, :n_pinned], -1)
     vision = torch.where(vision_rows >= 0, slot_ids[:, n_pinned:], -1)
+    core_width = int(core_count.max()) if core_count.numel() else 0
     layer = LayerCache(
         k=rows_of(k, slots),
         v=rows_of(v, slots),
         system=system,
         vision=vision,
-        core=vision.clone(),
+        core=vision[:, :core_width].clone(),
         core_count=core_count,
         live=live,
-        time=time.gather(2, order),
-        score=score.gather(2, order),
+        order=order.gather(2, slot_order),
+        score=score.gather(2, slot_order),
         seen=seen,
-        used=torch.zeros((), dtype=torch.long, device=k.device),
+        used=layout.valid.sum() * heads,  # the prefill's last row attended every valid prompt row
+        budget=budget,
     )
     vision_scores = image_scores.gather(1, vision_rows.clamp(min=0))
     layer.refresh_core(vision_scores)
     return layer
 
 
-def decode_update(policy: Policy, layer: LayerCache, probs: Tensor, refresh: bool) -> None:
-    """After a decode step's attention: accumulate heavy-hitter scores, evict, re-rank the core.
-
-    probs [B, Hq, M] are in the order of `layer.indices(refresh)`.
-    """
-    b, heads = layer.live.shape[:2]
-    evictable = probs[:, :, probs.shape[2] - layer.live.shape[2]:]  # [B, Hq, E]
-    layer.score.add_(evictable.unflatten(1, (heads, -1)).sum(2).to(layer.score.dtype))
-    budget = policy.eviction()
-    if budget.evicts:
-        layer.evict(budget)
-    if refresh:
-        start = layer.system.shape[1]
-        layer.refresh_core(probs[:, :, start:start + layer.vision.shape[1]].mean(1))
+def split_policy(policy: Policy | FeaturePolicy) -> tuple[Policy, FeaturePolicy | None]:
+    """A policy named alone (the CLI's `--policy`, an eval config) as `generate`'s `(policy, feature_policy)`:
+    a feature policy (Trim) runs beside the full sequence cache."""
+    if isinstance(policy, FeaturePolicy):
+        return Full(), policy
+    return policy, None

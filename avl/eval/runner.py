@@ -32,7 +32,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from avl.cache.policies import Full, Policy
+from avl.cache.policies import FeaturePolicy, Full, Policy, split_policy
 from avl.eval.data import Sample, SampleError, open_dataset
 from avl.eval.distributed import Dist, shard
 from avl.eval.families import Family, Processor, get_family
@@ -58,7 +58,7 @@ class EvalConfig:
     model: str
     task: str
     data: str
-    policy: Policy = field(default_factory=Full)
+    policy: Policy | FeaturePolicy = field(default_factory=Full)  # a feature policy runs beside Full()
     out: str = "avl-eval"
     limit: int | None = None
     batch_size: int = 1
@@ -114,7 +114,7 @@ def load_for_eval(model: str, dtype: str = "float32", device: str = "cpu", famil
     return LoadedModel(model_id, directory, net, processor, fam, dtype, device)
 
 
-def policy_dict(policy: Policy) -> dict[str, Any]:
+def policy_dict(policy: Policy | FeaturePolicy) -> dict[str, Any]:
     """The policy as JSON: its class, fields and repr."""
     return {"name": type(policy).__name__, "fields": dataclasses.asdict(policy), "repr": repr(policy)}
 
@@ -214,7 +214,8 @@ class _Worker:
                   loaded.processor([p.prompt for p in ready], [p.image for p in ready]).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.param_dtype)  # and e.g. LLaVA-NeXT's image_sizes
         start = time.perf_counter()
-        out = generate(cast(Generative, loaded.model), **inputs, policy=self.config.policy,
+        policy, feature_policy = split_policy(self.config.policy)
+        out = generate(cast(Generative, loaded.model), **inputs, policy=policy, feature_policy=feature_policy,
                        max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
                        compile=self.config.compile)
         seconds = (time.perf_counter() - start) / len(ready)

@@ -1,11 +1,13 @@
-"""The policy-driven decoder loop shared by every decoder-only family (Llama, Mistral, Qwen).
+"""The ONE policy-driven prefill/decode loop, over self-attention and cross-attention blocks alike.
 
 A family's language model subclasses `CachedDecoder` and provides `embed_tokens`, `layers`,
-`norm`, `lm_head` and `rotary(positions, dtype)`. Each layer has `input_layernorm`, a
-`self_attn` with `project(x, a, b) -> q, k, v`, `output(out)` and `scale`, and
-`finish(h, attn_out) -> h` (residual, MLP). The pair `(a, b)` that `rotary` returns is opaque to
-the loop and goes to `project` as is: cos and sin for Llama; Qwen's rotary table and logn query
-scale. The cache policies then work on the family unchanged.
+`norm`, `lm_head` and `rotary(positions, dtype)`. A self-attention block has
+`input_layernorm`, a `self_attn` with `project(x, a, b) -> q, k, v`, `output(out)` and `scale`,
+and `finish(h, attn_out) -> h` (residual, MLP). The pair `(a, b)` that `rotary` returns is opaque
+to the loop and goes to `project` as is: cos and sin for Llama; Qwen's rotary table and logn
+query scale. A cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads
+image features in prefill and its `CrossLayerCache` in decode. The cache policies then work on
+every family unchanged.
 """
 
 from __future__ import annotations
@@ -14,21 +16,33 @@ import torch
 from torch import Tensor, nn
 
 from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
-from avl.cache.modal_cache import LayerCache, ModalCache, attend
-from avl.cache.policies import Policy, build_layer_cache, decode_update
-from avl.models.layers import attention_probs, prefill_attention
+from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
+from avl.models.layers import attention_probs, attention_received, prefill_attention
 
 
-def _group_sum(x: Tensor, kv_heads: int) -> Tensor:
-    """[B, Hq, ...] -> [B, Hkv, ...]: sum over the query heads sharing a KV head."""
-    return x.unflatten(1, (kv_heads, -1)).sum(2)
+class CrossAttentionBlock(nn.Module):
+    """A decoder block that cross-attends image features instead of self-attending.
+
+    `prefill(h, layout, image, feature_policy)` runs the prompt over the image context (its type is
+    the family's) and returns `(h, image, cache)`: the context later cross-attention blocks use
+    (trimmed when `feature_policy` trims, which the loop passes to the first such block only) and
+    this block's `CrossLayerCache`. `decode(h, cache)` runs one token over that cache.
+    """
+
+    def prefill(self, h: Tensor, layout: PromptLayout, image: object, feature_policy: FeaturePolicy | None
+                ) -> tuple[Tensor, object, CrossLayerCache]:
+        raise NotImplementedError
+
+    def decode(self, h: Tensor, cache: CrossLayerCache) -> Tensor:
+        raise NotImplementedError
 
 
 class CachedDecoder(nn.Module):
-    """`prefill` runs the prompt layer by layer; after each layer's attention the policy's cache
-    for that layer is built (so peak KV memory is the compacted cache plus one full layer), and
-    a policy may drop image rows from the hidden states. `decode` runs one token per sample
-    against the `ModalCache`.
+    """`prefill` runs the prompt block by block; after each self-attention block's attention the
+    policy's cache for that block is built (so peak KV memory is the compacted cache plus one full
+    layer), and a policy may drop image rows from the hidden states. `decode` runs one token per
+    sample against the `ModalCache`, one cache call per block.
     """
 
     embed_tokens: nn.Embedding
@@ -40,33 +54,58 @@ class CachedDecoder(nn.Module):
         """The position tables `project` takes for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
         raise NotImplementedError
 
-    def decode_rotary(self, cache: ModalCache, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Rotary tables of a decode step; a family whose tables depend on more than the position
-        (Qwen's dynamic NTK: the prompt's alpha, kept in its cache) overrides this."""
-        return self.rotary(cache.next_position[:, None], dtype)
+    def rotary_state(self, layout: PromptLayout) -> Tensor | None:
+        """Per-sample rotary state fixed at prefill that decode needs besides the position
+        (`ModalCache.rotary_state`); None by default. Qwen-VL: the prompt's dynamic-NTK alpha."""
+        return None
 
-    def prefill(self, h: Tensor, layout: PromptLayout, policy: Policy, new_tokens: int) -> tuple[Tensor, ModalCache]:
-        """h [B, L, C] prompt embeddings (left-padded) -> next-token logits [B, V] and the cache."""
+    def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of a decode step at positions [B]."""
+        return self.rotary(position[:, None], dtype)
+
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Raise if the policies cannot run on this model (a layer it lacks, a feature policy it has no use for)."""
         policy.check_layers(len(self.layers))
+        if feature_policy is not None and not any(isinstance(b, CrossAttentionBlock) for b in self.layers):
+            raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
+                             "but this model has none (its image tokens are in the sequence, e.g. LLaVA); use it with "
+                             "Llama-3.2-Vision (model_type 'mllama'), or AVL / FastV for decoder-only models")
+
+    def prefill(self, h: Tensor, layout: PromptLayout, policy: Policy, new_tokens: int, image: object = None,
+                feature_policy: FeaturePolicy | None = None) -> tuple[Tensor, ModalCache]:
+        """h [B, L, C] prompt embeddings (left-padded) -> next-token logits [B, V] and the cache.
+
+        `image`: the cross-attention blocks' image context (None: they are skipped, text only).
+        `new_tokens`: the decode steps the cache is sized for.
+        """
+        self.check_policy(policy, feature_policy)
         n_image = layout.count(Modality.IMAGE)  # the original counts: every ratio refers to them
         full_rows = layout.valid.sum(-1)
         next_position = layout.positions[:, -1] + 1
-        caches: list[LayerCache] = []
-        cos, sin = self.rotary(layout.positions, h.dtype)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
+        rotary_state = self.rotary_state(layout)
+        caches: list[LayerCache | CrossLayerCache | None] = []
+        a, b = self.rotary(layout.positions, h.dtype)
+        for i, block in enumerate(self.layers):
+            if isinstance(block, CrossAttentionBlock):
+                layer_cache = None
+                if image is not None:
+                    h, image, layer_cache = block.prefill(h, layout, image, feature_policy)
+                    feature_policy = None  # features are selected once, at the first cross-attention block
+                caches.append(layer_cache)
+                continue
+            attn = block.self_attn
+            q, k, v = attn.project(block.input_layernorm(h), a, b)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
             image_scores = self._image_scores(q, k, layout, attn.scale) if policy.needs_image_scores(i) else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
             caches.append(build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens))
-            h = layer.finish(h, out)
+            h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
-                cos, sin = self.rotary(layout.positions, h.dtype)
+                a, b = self.rotary(layout.positions, h.dtype)
         logits = self.lm_head(self.norm(h[:, -1]))
-        return logits, ModalCache(caches, next_position, full_rows)
+        return logits, ModalCache(caches, policy, next_position, full_rows, new_tokens, rotary_state)
 
     @staticmethod
     def _image_scores(q: Tensor, k: Tensor, layout: PromptLayout, scale: float) -> Tensor:
@@ -82,8 +121,8 @@ class CachedDecoder(nn.Module):
             return None
         rows = packed_index(queries, min_width=1)  # [B, R]
         q_rows = q.gather(2, rows.clamp(min=0)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-        probs = attention_probs(q_rows, rows, k, layout.valid, scale)  # [B, Hq, R, L]
-        return _group_sum(probs.sum(2), k.shape[1])
+        received = attention_received(q_rows, rows, k, layout.valid, scale)  # [B, Hq, L]
+        return received.unflatten(1, (k.shape[1], -1)).sum(2)
 
     @staticmethod
     def _drop_image_rows(h: Tensor, layout: PromptLayout, scores: Tensor, keep: Tensor) -> tuple[Tensor, PromptLayout]:
@@ -93,16 +132,24 @@ class CachedDecoder(nn.Module):
         h = h.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))
         return h, layout.select(index)
 
-    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor:
-        """One decode step: token [B] -> logits [B, V]; updates the cache in place."""
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        """One decode step: token [B] -> logits [B, V]; updates the cache in place.
+
+        `step` is the host-side plan of this step, `cache.next_step()`; it is taken here when None.
+        A compiled decode takes it as an argument (see `avl.generate.compile_decode`), so that the
+        compiled graph never reads the host's counters.
+        """
+        step = cache.next_step() if step is None else step
         h = self.embed_tokens(token)[:, None]  # [B, 1, C]
-        position = cache.next_position
-        cos, sin = self.decode_rotary(cache, h.dtype)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            out, probs = attend(layer_cache, q, k, v, position, refresh, attn.scale)
-            decode_update(policy, layer_cache, probs, refresh)
-            h = layer.finish(h, out)
+        a, b = self.decode_rotary(cache.next_position, cache.rotary_state, h.dtype)
+        for block, layer_cache, width in zip(self.layers, cache.layers, step.widths):
+            if isinstance(block, CrossAttentionBlock):
+                if layer_cache is not None:
+                    h = block.decode(h, layer_cache)
+                continue
+            attn = block.self_attn
+            q, k, v = attn.project(block.input_layernorm(h), a, b)
+            out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)
+            h = block.finish(h, out)
         cache.advance()
         return self.lm_head(self.norm(h[:, 0]))

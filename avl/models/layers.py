@@ -100,3 +100,29 @@ def attention_probs(
         probs = torch.softmax(scores, dim=-1)
         out.append(probs.nan_to_num(0.0).masked_fill((rows < 0)[:, None, :, None], 0.0))
     return torch.cat(out, dim=2)
+
+
+def attention_received(q_rows: Tensor, query_index: Tensor, k: Tensor, valid: Tensor, scale: float,
+                       chunk_elements: int = 1 << 22) -> Tensor:
+    """Attention each key row receives from the selected query rows, summed over them: [B, Hq, L].
+
+    Same inputs as `attention_probs`, but the probabilities are summed chunk by chunk of query
+    rows (about `chunk_elements` probabilities at a time) and the query heads of a KV head share
+    its keys, so neither the [B, Hq, R, L] matrix nor repeated keys are ever held: a policy's
+    prefill scoring costs about one chunk of memory.
+    """
+    b, hq, n_rows, d = q_rows.shape
+    hkv, length = k.shape[1], k.shape[2]
+    groups = hq // hkv
+    keys = k.to(compute_dtype(k.dtype))
+    key_index = torch.arange(length, device=k.device)
+    chunk = max(1, chunk_elements // max(1, b * hq * length))
+    total = torch.zeros(b, hkv, groups, length, dtype=keys.dtype, device=k.device)
+    for start in range(0, n_rows, chunk):
+        q = q_rows[:, :, start:start + chunk].to(keys.dtype).unflatten(1, (hkv, groups))  # [B, Hkv, G, r, D]
+        rows = query_index[:, start:start + chunk]  # [B, r]
+        scores = torch.einsum("bkgrd,bkld->bkgrl", q, keys) * scale
+        allowed = (key_index[None, None, :] <= rows[:, :, None]) & valid[:, None, :] & (rows >= 0)[:, :, None]
+        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+        total += torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(3)
+    return total.flatten(1, 2)

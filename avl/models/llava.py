@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avl.cache.layout import PromptLayout
-from avl.cache.modal_cache import ModalCache
-from avl.cache.policies import Policy
+from avl.cache.modal_cache import DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.models.clip import ClipVisionConfig, ClipVisionTower
 from avl.models.config import require
 from avl.models.llama import LlamaConfig, LlamaModel
@@ -127,14 +127,18 @@ class Llava(nn.Module):
         return embeds, image_mask
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int) -> tuple[Tensor, ModalCache]:
-        """Run the prompt: next-token logits [B, V] and the compacted cache."""
+                new_tokens: int, feature_policy: FeaturePolicy | None = None) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps."""
         embeds, image_mask = self.embed(input_ids, pixel_values)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
-        return self.language_model.prefill(embeds, layout, policy, new_tokens)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
 
-    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor:
-        return self.language_model.decode(token, cache, policy, refresh)
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        return self.language_model.decode(token, cache, step)
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.text.max_position_embeddings
 
     @property
     def dtype(self) -> torch.dtype:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from avl.cache.layout import PromptLayout
 from avl.cache.modal_cache import ModalCache
-from avl.cache.policies import Policy
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.models.config import require
 from avl.models.llava import LLAVA_KEY_MAP, Llava, LlavaConfig
 from avl.processing.anyres import (
@@ -142,7 +142,8 @@ class LlavaNext(Llava):
         return embeds, image_mask
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int, *, image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, ModalCache]:
+                new_tokens: int, feature_policy: FeaturePolicy | None = None, *,
+                image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, ModalCache]:
         """Run the prompt: next-token logits [B, V] and the compacted cache.
 
         pixel_values [N_images, T, 3, S, S] and image_sizes [N_images, 2] (height, width) as
@@ -151,7 +152,7 @@ class LlavaNext(Llava):
         self._check_sliding_window(attention_mask, new_tokens)
         embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
-        return self.language_model.prefill(embeds, layout, policy, new_tokens)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
 
     def _image_sizes(self, pixel_values: Tensor, image_sizes: Tensor | Sequence[Size] | None) -> list[Size]:
         """Check pixel_values against image_sizes; the sizes as (height, width) ints."""

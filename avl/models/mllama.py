@@ -6,11 +6,11 @@ The image is not in the token sequence: a single `<|image|>` token marks where i
 cache has two parts:
 
 - the self-attention layers' text KV: one `LayerCache` per self-attention layer, built and updated
-  by the shared policy machinery (`build_layer_cache`, `attend`, `decode_update`), so the text
-  policies (Full, A-VL's text H2O, H2O, StreamingLLM) work unchanged;
+  by the shared loop of `CachedDecoder`, so the text policies (Full, A-VL's text H2O, H2O,
+  StreamingLLM) work unchanged;
 - the cross-attention layers' image KV: one `CrossCache` (a `CrossLayerCache`) per cross-attention
-  layer in `ModalCache.cross`, computed once in prefill, read-only in decode. The `Trim` policy
-  (Trimmed Llama) makes it shorter.
+  layer, at that layer's place in `ModalCache.layers`, computed once in prefill, read-only in
+  decode. The `Trim` feature policy (Trimmed Llama) makes it shorter.
 
 Cross-attention masking follows transformers' `MllamaForConditionalGeneration` (the parity
 reference): a text row whose mask row is all zero ("fully masked", e.g. the tokens before the
@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avl.cache.layout import Modality, PromptLayout, packed_index
-from avl.cache.modal_cache import CrossLayerCache, LayerCache, ModalCache, attend
-from avl.cache.policies import Policy, build_layer_cache, decode_update
+from avl.cache.layout import PromptLayout, packed_index
+from avl.cache.modal_cache import CrossLayerCache, DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.cache.trim import Trim, select_features
 from avl.models.config import config_fields, require
-from avl.models.decoder import CachedDecoder
-from avl.models.layers import GatedMLP, RMSNorm, compute_dtype, prefill_attention
+from avl.models.decoder import CachedDecoder, CrossAttentionBlock
+from avl.models.layers import GatedMLP, RMSNorm, compute_dtype
 from avl.models.llama import DecoderLayer, LlamaConfig
 from avl.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
 
@@ -193,7 +193,7 @@ class CrossAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(CrossAttentionBlock):
     """Cross-attention block with tanh-gated residual branches (attention, then MLP)."""
 
     def __init__(self, cfg: MllamaTextConfig) -> None:
@@ -210,6 +210,33 @@ class CrossAttentionLayer(nn.Module):
         h = h + self.cross_attn_attn_gate.tanh() * self.cross_attn.output(attn_out)
         mlp = self.mlp(self.post_attention_layernorm(h)) * row_on[..., None].to(h.dtype)
         return h + self.cross_attn_mlp_gate.tanh() * mlp
+
+    def prefill(self, h: Tensor, layout: PromptLayout, image: ImageContext, feature_policy: FeaturePolicy | None
+                ) -> tuple[Tensor, ImageContext, CrossCache]:
+        """The prompt over the image context. With a trimming `feature_policy` (the loop passes it to the
+        first cross-attention layer only), score the features from this layer's probabilities and return
+        the trimmed context for all later layers; this layer's own prompt output still uses every
+        feature, its cache only the kept ones."""
+        attn = self.cross_attn
+        q = attn.query(self.input_layernorm(h))  # [B, Hq, L, D]
+        k, v = attn.keys_values(image.features)  # [B, Hkv, N, D]
+        allowed, row_on = image.allowed, image.row_on
+        h = self.finish(h, cross_attention(q, k, v, allowed, attn.scale), row_on)
+        if not isinstance(feature_policy, Trim) or not feature_policy.trims:
+            return h, image, image.cache(k, v)
+        voters = scoring_rows(image, layout)  # [B, L]
+        probs = cross_attention_probs(q, k, allowed, attn.scale) * voters[:, None, :, None]  # [B, Hq, L, N]
+        kept = select_features(probs, image.present & image.held, feature_policy.keep, feature_policy.criterion)
+        index = packed_index(kept, min_width=1)  # [B, K]
+        trimmed = image.select(index)
+        safe = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        return h, trimmed, trimmed.cache(k.gather(2, safe), v.gather(2, safe))
+
+    def decode(self, h: Tensor, cache: CrossCache) -> Tensor:
+        """h [B, 1, C] over the layer's cached image K/V (static shapes, no data-dependent control flow)."""
+        q = self.cross_attn.query(self.input_layernorm(h))  # [B, Hq, 1, D]
+        out = cross_attention(q, cache.k, cache.v, cache.decode_allowed[:, None], self.cross_attn.scale)
+        return self.finish(h, out, cache.decode_row_on[:, None])
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
@@ -328,104 +355,27 @@ class MllamaTextModel(CachedDecoder):
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def check_policy(self, policy: Policy) -> tuple[Policy, Trim | None]:
-        """Split a policy into its text part (self-attention layers) and the Trim part (cross-attention)."""
-        trim = policy if isinstance(policy, Trim) else None
-        text = policy.text if isinstance(policy, Trim) else policy
-        if trim is not None and not self.config.cross_attention_layers:
-            raise ValueError(f"{policy!r} trims the image features of cross-attention layers, but this model has none "
-                             "(text_config.cross_attention_layers is empty)")
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Text policies run on the self-attention layers; the image is in the cross-attention layers,
+        so policies that select or drop image rows of the sequence do not apply."""
+        if feature_policy is not None and not isinstance(feature_policy, Trim):
+            raise ValueError(f"feature_policy={feature_policy!r} is not supported by Llama-3.2-Vision; allowed: Trim")
+        if feature_policy is not None and not self.config.cross_attention_layers:
+            raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
+                             "but this model has none (text_config.cross_attention_layers is empty)")
         n_self = len(self.config.self_attention_layers)
-        text.check_layers(n_self)
-        if text.selects_image_rows():
+        if policy.selects_image_rows():
             raise ValueError(
-                f"{text!r} selects image rows of the sequence (secondary/core), but Llama-3.2-Vision keeps its image "
-                "in the cross-attention layers: use Trim(keep=..., text=...) to shrink the image part of the cache"
+                f"{policy!r} selects image rows of the sequence (secondary/core), but Llama-3.2-Vision keeps its image "
+                "in the cross-attention layers: use feature_policy=Trim(keep=...) to shrink the image part of the cache"
             )
-        if any(text.prune_keep(i) is not None for i in range(n_self)):
+        if any(policy.prune_keep(i) is not None for i in range(len(self.layers))):
             raise ValueError(
-                f"{text!r} drops image hidden states after a layer (FastV / A-VL's P), but Llama-3.2-Vision has no "
-                "image rows in its sequence: use Trim(keep=...) for the image part of the cache"
+                f"{policy!r} drops image hidden states after a prefill layer (FastV / A-VL's P), which needs image rows "
+                "in the sequence; Llama-3.2-Vision has none (its image is in the cross-attention layers): use "
+                "feature_policy=Trim(keep=...) for the image part of the cache"
             )
-        return text, trim
-
-    def prefill(self, h: Tensor, layout: PromptLayout, policy: Policy, new_tokens: int,
-                image: ImageContext | None = None) -> tuple[Tensor, ModalCache]:
-        """h [B, L, C] prompt embeddings (left-padded), image: the cross-attention inputs (None: text only,
-        the cross-attention layers are skipped) -> next-token logits [B, V] and the cache."""
-        text, trim = self.check_policy(policy)
-        n_image = layout.count(Modality.IMAGE)
-        full_rows = layout.valid.sum(-1)
-        next_position = layout.positions[:, -1] + 1
-        cos, sin = self.rotary(layout.positions, h.dtype)
-        caches: list[LayerCache] = []
-        cross: list[CrossCache] = []
-        for layer in self.layers:
-            if isinstance(layer, CrossAttentionLayer):
-                if image is None:
-                    continue
-                h, image, layer_cache = self._prefill_cross(layer, h, layout, image, trim if not cross else None)
-                cross.append(layer_cache)
-                continue
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            out = prefill_attention(q, k, v, layout.valid, attn.scale)
-            evict_scores = self._received_scores(q, k, layout, text.scoring_queries(layout), attn.scale)
-            caches.append(build_layer_cache(text, layout, k, v, n_image, None, evict_scores, new_tokens))
-            h = layer.finish(h, out)
-        logits = self.lm_head(self.norm(h[:, -1]))
-        return logits, ModalCache(caches, next_position, full_rows, cross)
-
-    @staticmethod
-    def _prefill_cross(layer: CrossAttentionLayer, h: Tensor, layout: PromptLayout, image: ImageContext,
-                       trim: Trim | None) -> tuple[Tensor, ImageContext, CrossCache]:
-        """One cross-attention layer over the prompt. With `trim` (first cross-attention layer only), score
-        the features from this layer's probabilities and return the trimmed context for all later layers;
-        this layer's own prompt output still uses every feature, its cache only the kept ones."""
-        attn = layer.cross_attn
-        q = attn.query(layer.input_layernorm(h))  # [B, Hq, L, D]
-        k, v = attn.keys_values(image.features)  # [B, Hkv, N, D]
-        allowed, row_on = image.allowed, image.row_on
-        out = cross_attention(q, k, v, allowed, attn.scale)
-        h = layer.finish(h, out, row_on)
-        if trim is None or not trim.trims:
-            return h, image, image.cache(k, v)
-        voters = scoring_rows(image, layout)  # [B, L]
-        probs = cross_attention_probs(q, k, allowed, attn.scale) * voters[:, None, :, None]  # [B, Hq, L, N]
-        kept = select_features(probs, image.present & image.held, trim.keep, trim.criterion)  # [B, N]
-        index = packed_index(kept, min_width=1)  # [B, K]
-        trimmed = image.select(index)
-        safe = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        return h, trimmed, trimmed.cache(k.gather(2, safe), v.gather(2, safe))
-
-    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor:
-        """One decode step: token [B] -> logits [B, V]; updates the text cache in place."""
-        text = policy.text if isinstance(policy, Trim) else policy
-        h = self.embed_tokens(token)[:, None]  # [B, 1, C]
-        position = cache.next_position
-        cos, sin = self.rotary(position[:, None], h.dtype)
-        self_caches, cross_caches = iter(cache.layers), iter(cache.cross)
-        for layer in self.layers:
-            if isinstance(layer, CrossAttentionLayer):
-                if cache.cross:
-                    h = self._decode_cross(layer, h, next(cross_caches))
-                continue
-            attn = layer.self_attn
-            layer_cache = next(self_caches)
-            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
-            out, probs = attend(layer_cache, q, k, v, position, refresh, attn.scale)
-            decode_update(text, layer_cache, probs, refresh)
-            h = layer.finish(h, out)
-        cache.advance()
-        return self.lm_head(self.norm(h[:, 0]))
-
-    @staticmethod
-    def _decode_cross(layer: CrossAttentionLayer, h: Tensor, layer_cache: CrossCache) -> Tensor:
-        """h [B, 1, C] over the layer's cached image K/V (static shapes, no data-dependent control flow)."""
-        q = layer.cross_attn.query(layer.input_layernorm(h))  # [B, Hq, 1, D]
-        out = cross_attention(q, layer_cache.k, layer_cache.v, layer_cache.decode_allowed[:, None],
-                              layer.cross_attn.scale)
-        return layer.finish(h, out, layer_cache.decode_row_on[:, None])
+        policy.check_layers(n_self)
 
 
 class Mllama(nn.Module):
@@ -517,30 +467,37 @@ class Mllama(nn.Module):
                              f"{self.config.image_token_index}) per sample but {real.sum(-1).tolist()} image(s): "
                              "give one image per <|image|> token")
 
-    def _check_text_only(self, image_mask: Tensor, policy: Policy, *image_inputs: Tensor | None) -> None:
+    def _check_text_only(self, image_mask: Tensor, feature_policy: FeaturePolicy | None,
+                         *image_inputs: Tensor | None) -> None:
         if any(x is not None for x in image_inputs):
             raise ValueError("aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask need pixel_values")
         if bool(image_mask.any()):
             raise ValueError(f"the prompts have {image_mask.sum(-1).tolist()} <|image|> token(s) (id "
                              f"{self.config.image_token_index}) per sample but no pixel_values were given")
-        if isinstance(policy, Trim) and policy.trims:
-            raise ValueError(f"{policy!r} trims image features, but no pixel_values were given")
+        if isinstance(feature_policy, Trim) and feature_policy.trims:
+            raise ValueError(f"feature_policy={feature_policy!r} trims image features, but no pixel_values were given")
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int, *, aspect_ratio_ids: Tensor | None = None, aspect_ratio_mask: Tensor | None = None,
-                cross_attention_mask: Tensor | None = None) -> tuple[Tensor, ModalCache]:
+                new_tokens: int, feature_policy: FeaturePolicy | None = None, *, aspect_ratio_ids: Tensor | None = None,
+                aspect_ratio_mask: Tensor | None = None, cross_attention_mask: Tensor | None = None,
+                ) -> tuple[Tensor, ModalCache]:
         """Run the prompt: next-token logits [B, V] and the cache (text KV per self-attention layer,
-        image KV per cross-attention layer in `cache.cross`; none without images)."""
+        image KV per cross-attention layer, `cache.cross`; none without images), sized for `new_tokens`
+        decode steps. `feature_policy`: `Trim` (or None: every feature)."""
         image_mask = input_ids == self.config.image_token_index
         image = None
         if pixel_values is not None:
             image = self.image_context(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
                                        cross_attention_mask)
         else:
-            self._check_text_only(image_mask, policy, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+            self._check_text_only(image_mask, feature_policy, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
         embeds = self.language_model.embed_tokens(input_ids)
-        return self.language_model.prefill(embeds, layout, policy, new_tokens, image)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, image, feature_policy)
 
-    def decode(self, token: Tensor, cache: ModalCache, policy: Policy, refresh: bool) -> Tensor:
-        return self.language_model.decode(token, cache, policy, refresh)
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        return self.language_model.decode(token, cache, step)
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.text.max_position_embeddings

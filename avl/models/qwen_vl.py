@@ -12,7 +12,7 @@ policy runs on it unchanged. Qwen specifics:
 - dynamic NTK (`use_dynamic_ntk`): at prefill, alpha = max(2**ceil(log2(L / seq_length) + 1) - 1, 1)
   for a prompt of L rows and the rotary base becomes base * alpha**(d / (d - 2)); decode steps
   reuse the prompt's alpha (as the original, which caches it at the prefill) and cached keys
-  are never re-rotated. The alpha lives in the cache (`QwenCache.ntk_alpha`, one per sample);
+  are never re-rotated. The alpha lives in the cache (`ModalCache.rotary_state`, one per sample);
 - logn attention (`use_logn_attn`): the query at position p is multiplied by
   log(p + 1) / log(seq_length) when p + 1 > seq_length (after rotary; keys untouched).
 
@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from avl.cache.layout import PromptLayout
-from avl.cache.modal_cache import ModalCache
-from avl.cache.policies import Policy
+from avl.cache.modal_cache import DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.models.config import config_fields, require
 from avl.models.decoder import CachedDecoder
 from avl.models.layers import GatedMLP, RMSNorm, compute_dtype, prefill_attention
@@ -105,18 +105,6 @@ class QwenVLConfig:
     def image_tokens_per_image(self) -> int:
         """Positions between `<img>` and `</img>`: one per resampler query."""
         return self.visual.n_queries
-
-
-@dataclass
-class QwenCache(ModalCache):
-    """`ModalCache` plus the dynamic-NTK alpha of each sample's prompt [B] (float64), fixed for the
-    whole generation (the original caches it at the prefill too)."""
-
-    ntk_alpha: Tensor | None = None
-
-    @classmethod
-    def wrap(cls, cache: ModalCache, ntk_alpha: Tensor) -> QwenCache:
-        return cls(**{f.name: getattr(cache, f.name) for f in fields(ModalCache)}, ntk_alpha=ntk_alpha)
 
 
 class QwenRMSNorm(RMSNorm):
@@ -233,13 +221,14 @@ class QwenLM(CachedDecoder):
         """Prefill tables: the alpha comes from the prompt length (max position + 1)."""
         return self.rotary_tables(positions, self.ntk_alpha(self.prompt_rows(positions)), dtype)
 
-    def decode_rotary(self, cache: QwenCache, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Decode-step tables at the next position, with the alpha cached at the prefill."""
-        return self.rotary_tables(cache.next_position[:, None], cache.ntk_alpha, dtype)
+    def rotary_state(self, layout: PromptLayout) -> Tensor:
+        """The prompt's dynamic-NTK alpha [B] (float64), fixed for the whole generation (the original
+        caches it at the prefill too): `ModalCache.rotary_state`."""
+        return self.ntk_alpha(self.prompt_rows(layout.positions))
 
-    def prefill(self, h: Tensor, layout: PromptLayout, policy: Policy, new_tokens: int) -> tuple[Tensor, QwenCache]:
-        logits, cache = super().prefill(h, layout, policy, new_tokens)
-        return logits, QwenCache.wrap(cache, self.ntk_alpha(self.prompt_rows(layout.positions)))
+    def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Decode-step tables at positions [B], with the alpha cached at the prefill."""
+        return self.rotary_tables(position[:, None], rotary_state, dtype)
 
     def forward(self, h: Tensor, layout: PromptLayout) -> tuple[list[Tensor], Tensor]:
         """Dense forward without a cache: hidden states [L+1 entries of B, L, C] (input of each block,
@@ -341,14 +330,14 @@ class QwenVL(nn.Module):
         return embeds, image_mask
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
-                new_tokens: int) -> tuple[Tensor, QwenCache]:
-        """Run the prompt: next-token logits [B, V] and the compacted cache."""
+                new_tokens: int, feature_policy: FeaturePolicy | None = None) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps."""
         embeds, image_mask = self.embed(input_ids, attention_mask, pixel_values)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
-        return self.language_model.prefill(embeds, layout, policy, new_tokens)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
 
-    def decode(self, token: Tensor, cache: QwenCache, policy: Policy, refresh: bool) -> Tensor:
-        return self.language_model.decode(token, cache, policy, refresh)
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        return self.language_model.decode(token, cache, step)
 
     def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:

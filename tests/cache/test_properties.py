@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 
 import avl
 from avl.cache.layout import Modality, PromptLayout
-from avl.cache.modal_cache import attend
-from avl.cache.policies import build_layer_cache, decode_update
+import copy
+
+from avl.cache.modal_cache import DecodePlan, keep_heavy_and_recent
+from avl.cache.policies import build_layer_cache
+from avl.ops import gathered_attention
 
 HEADS, DIM = 2, 4
 
@@ -78,25 +81,63 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             assert int((cache.core[s] >= 0).sum()) == min(int(counts[1][s]), kept)
 
     budget = policy.eviction()
+    core_counts = policy.image_counts(n_image)
+    if core_counts is not None:  # the core index is as wide as the batch's largest core count, no wider
+        assert cache.core.shape[1] == int(torch.minimum(core_counts[1], n_image).max())
+    plan = DecodePlan([cache], budget, steps, policy.refresh_interval())
     available = cache.seen[:, None].expand(-1, HEADS)  # rows that could be live: all seen, at prefill
     for step in range(steps + 1):
         live = cache.live.sum(-1)  # [B, Hkv]
         # the budget is met exactly, unless fewer rows are available (evicted rows never come back)
         expected = torch.minimum(budget.rows(cache.seen)[:, None], available) if budget.evicts else available
         assert torch.equal(live, expected)
-        idx = cache.indices(refresh=step % 2 == 1)
-        assert int(idx.max()) < cache.k.shape[2] and int(idx.min()) >= -1
         assert cache.allocated_bytes() == 2 * cache.k.numel() * cache.k.element_size()
         if step == steps:
+            with pytest.raises(ValueError, match="past the capacity"):
+                plan.next()
             break
         q = torch.randn(b, HEADS, 1, DIM, generator=g)
         k_new, v_new = torch.randn(2, b, HEADS, 1, DIM, generator=g)
-        refresh = policy.refresh_interval() is not None and (step + 1) % policy.refresh_interval() == 0
-        _, probs = attend(cache, q, k_new, v_new, layout.positions[:, -1] + 1 + step, refresh, DIM**-0.5)
+        planned = plan.next()
+        width = planned.widths[0]
+        assert planned.refresh == (policy.refresh_interval() is not None and (step + 1) % policy.refresh_interval() == 0)
+        # the reference: append, attend every selected row, then H2O recomputed over all live rows
+        ref = copy.deepcopy(cache)
+        ref.append(k_new, v_new, ref.live.shape[2])
+        # the step's width is the largest live count of the batch right after the append: nothing beyond
+        assert width == int(ref.live.sum(-1).max()) and ref.occupied_width() <= width
+        idx = ref.indices(planned.refresh, ref.live.shape[2])
+        _, ref_probs = gathered_attention(q, ref.k, ref.v, idx, DIM**-0.5)
+        if budget.evicts:
+            ref.score.add_(ref_probs[:, :, idx.shape[2] - ref.live.shape[2]:])
+            ref.live.copy_(keep_heavy_and_recent(ref.live, ref.order, ref.score, *budget.counts(ref.seen)))
+
+        out = cache.step(q, k_new, v_new, DIM**-0.5, planned.refresh, width)
+        assert int(cache.used) == int((idx >= 0).sum())  # the rows attended, counted over heads
+        assert torch.equal(cache.live, ref.live)
+        assert torch.equal(cache.k, ref.k) and torch.isfinite(out).all()
         available = live + 1
-        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
-        decode_update(policy, cache, probs, refresh)
         assert set(cache.core[0][cache.core[0] >= 0].tolist()) <= set(cache.vision[0][cache.vision[0] >= 0].tolist())
+
+
+def test_capacity_does_not_enter_the_attended_width():
+    """A cache sized for 4096 new tokens attends exactly what one sized for 8 does, step by step."""
+    layout = PromptLayout.from_prompt(torch.tensor([[False, True, True, True, False, False]]),
+                                      torch.ones(1, 6, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 1, HEADS, 6, DIM, generator=g)
+    scores = torch.rand(1, 6, generator=g), torch.rand(1, HEADS, 6, generator=g)
+    for policy in (avl.Full(), avl.H2O(budget=0.5), avl.AVL(secondary=0.7, core=0.4, refresh_every=2, text_keep=0.5)):
+        small = build_layer_cache(policy, layout, k, v, layout.count(Modality.IMAGE), *scores, new_tokens=8)
+        large = build_layer_cache(policy, layout, k, v, layout.count(Modality.IMAGE), *scores, new_tokens=4096)
+        assert large.live.shape[2] > 100 * small.live.shape[2] or not policy.eviction().evicts
+        plans = [DecodePlan([c], policy.eviction(), n, policy.refresh_interval()) for c, n in ((small, 8), (large, 4096))]
+        for _ in range(8):
+            q, k_new, v_new = torch.randn(3, 1, HEADS, 1, DIM, generator=g)
+            steps = [p.next() for p in plans]
+            assert steps[0] == steps[1]
+            outs = [c.step(q, k_new, v_new, DIM**-0.5, s.refresh, s.widths[0]) for c, s in zip((small, large), steps)]
+            assert torch.equal(outs[0], outs[1]) and int(small.used) == int(large.used)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,4 +1,4 @@
-"""The Trim policy (Trimmed Llama): validation, delegation to its text policy, and the feature selection."""
+"""The Trim feature policy (Trimmed Llama): validation, its place beside the sequence policy, the feature selection."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avl.cache.layout import PromptLayout
-from avl.cache.policies import AVL, H2O, FastV, Full, StreamingLLM
+import avl
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.cache.trim import Trim, kept_counts, select_features
 
 
@@ -18,31 +18,18 @@ def test_keep_outside_zero_one_is_rejected_naming_the_field(keep):
         Trim(keep=keep)
 
 
-def test_bad_criterion_and_text_policies_are_rejected():
+def test_bad_criterion_is_rejected():
     with pytest.raises(ValueError, match="criterion='mean' is not supported"):
         Trim(criterion="mean")
-    with pytest.raises(ValueError, match="selects image rows of the sequence"):
-        Trim(text=AVL(secondary=0.5))
-    with pytest.raises(ValueError, match="text=.* is invalid"):
-        Trim(text=Trim())
 
 
-def test_text_side_questions_go_to_the_text_policy():
-    text = AVL(text_keep=0.5, text_min_budget=2)
-    trim = Trim(keep=0.5, text=text)
-    layout = PromptLayout.from_prompt(torch.tensor([[False, True, False, False]]), torch.ones(1, 4, dtype=torch.long))
-    assert trim.eviction() == text.eviction()
-    assert torch.equal(trim.roles(layout), text.roles(layout))
-    assert torch.equal(trim.scoring_queries(layout), text.scoring_queries(layout))
-    assert trim.refresh_interval() is None and trim.image_counts(torch.tensor([4])) is None
-    for other in (Full(), H2O(budget=0.5), StreamingLLM(sinks=1, window=4), FastV()):
-        assert Trim(text=other).eviction() == other.eviction()
+def test_trim_is_a_feature_policy_beside_the_sequence_policy():
+    assert isinstance(Trim(), FeaturePolicy) and not isinstance(Trim(), Policy)
+    assert Trim().criterion == "head_union"  # the authors' rule is the default
     assert Trim().trims and not Trim(keep=1.0).trims
-
-
-def test_check_layers_rejects_every_decoder_only_model():
-    with pytest.raises(ValueError, match="this model has none"):
-        Trim(keep=0.5).check_layers(32)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match="pass it as feature_policy="):
+        avl.generate(object(), ids, policy=Trim(keep=0.5))
 
 
 def test_sum_criterion_keeps_the_top_candidates_by_summed_probability():

@@ -110,17 +110,18 @@ def split(inputs: dict) -> tuple[tuple, dict]:
 
 
 @torch.inference_mode()
-def greedy(model: Mllama, inputs: dict, policy: Policy = Full(), steps: int = STEPS, decode=None):
+def greedy(model: Mllama, inputs: dict, policy: Policy = Full(), steps: int = STEPS, decode=None,
+           features: Trim | None = None):
     """prefill + greedy decode steps: tokens [B, steps], logits [B, steps, V], the cache."""
     args, kwargs = split(inputs)
-    logits, cache = model.prefill(*args, policy, steps, **kwargs)
+    logits, cache = model.prefill(*args, policy, steps - 1, features, **kwargs)
     step = decode or model.decode
     tokens, all_logits = [], []
     for t in range(steps):
         all_logits.append(logits)
         tokens.append(logits.argmax(-1))
         if t < steps - 1:
-            logits = step(tokens[-1], cache, policy, False)
+            logits = step(tokens[-1], cache, cache.next_step())
     return torch.stack(tokens, 1), torch.stack(all_logits, 1), cache
 
 
@@ -246,12 +247,11 @@ def slot_rows(cache, layer: int = 0) -> list[set[int]]:
     return [{r for r in row if r >= 0} for row in cache.cross[layer].rows.tolist()]
 
 
-@pytest.mark.parametrize("policy", [Trim(keep=1.0), Trim(keep=1.0, text=AVL(text_keep=0.5))], ids=repr)
-def test_trim_keep_one_is_the_full_model_exactly(model, policy):
+@pytest.mark.parametrize("base", [Full(), AVL(text_keep=0.5)], ids=repr)
+def test_trim_keep_one_is_the_full_model_exactly(model, base):
     inputs = batch([prompt(3, 7, 31), prompt(6, 3, 32)], [[3], [6]], seed=31)
-    base = policy.text
     ref_tokens, ref_logits, ref_cache = greedy(model, inputs, base)
-    tokens, logits, cache = greedy(model, inputs, policy)
+    tokens, logits, cache = greedy(model, inputs, base, features=Trim(keep=1.0))
     assert tokens.tolist() == ref_tokens.tolist()
     assert torch.equal(logits, ref_logits)
     assert [c.k.shape for c in cache.cross] == [c.k.shape for c in ref_cache.cross]
@@ -261,7 +261,7 @@ def test_trim_keep_one_is_the_full_model_exactly(model, policy):
 def test_trim_keeps_the_reference_rows_and_every_cross_layer_has_the_trimmed_length(hf_mllama, model, keep, criterion):
     inputs = batch([prompt(3, 8, 41), prompt(5, 4, 42), prompt(2, 9, 43)], [[6], [2], [7]], seed=41)
     expected = reference_kept_rows(hf_mllama[1], inputs, keep, criterion)
-    _, logits, cache = greedy(model, inputs, Trim(keep=keep, criterion=criterion), steps=4)
+    _, logits, cache = greedy(model, inputs, steps=4, features=Trim(keep=keep, criterion=criterion))
     assert slot_rows(cache) == expected
     width = max(map(len, expected))
     n_real = [20, 10, 15]  # 4, 2 and 3 tiles of 5 feature rows
@@ -278,7 +278,8 @@ def test_trim_keeps_the_reference_rows_and_every_cross_layer_has_the_trimmed_len
 def test_trim_halves_the_cross_attention_bytes_in_the_stats(model):
     inputs = batch([prompt(4, 6, 51)], [[6]], seed=51)
     _, _, full = greedy(model, inputs, Full(), steps=3)
-    _, _, trimmed = greedy(model, inputs, Trim(keep=0.5, text=AVL(text_keep=0.5, text_min_budget=2)), steps=3)
+    _, _, trimmed = greedy(model, inputs, AVL(text_keep=0.5, text_min_budget=2), steps=3,
+                           features=Trim(keep=0.5, criterion="sum"))
     full_stats, trim_stats = full.stats(), trimmed.stats()
     assert [s.kind for s in full_stats.layers] == ["self"] * 3 + ["cross"] * 2
     cross_full, cross_trim = full_stats.total_of("cross"), trim_stats.total_of("cross")
@@ -290,19 +291,19 @@ def test_trim_halves_the_cross_attention_bytes_in_the_stats(model):
 
 # ---------------------------------------------------------------- batching
 
-BATCH_POLICIES = [Full(), Trim(keep=0.5), Trim(keep=0.4, criterion="head_union"),
-                  Trim(keep=0.5, text=AVL(text_keep=0.5, text_min_budget=2)), H2O(budget=0.5)]
+BATCH_POLICIES = [(Full(), None), (Full(), Trim(keep=0.5, criterion="sum")), (Full(), Trim(keep=0.4)),
+                  (AVL(text_keep=0.5, text_min_budget=2), Trim(keep=0.5, criterion="sum")), (H2O(budget=0.5), None)]
 
 
-@pytest.mark.parametrize("policy", BATCH_POLICIES, ids=lambda p: repr(p)[:70])
-def test_batch_with_different_prompt_lengths_and_tile_counts_equals_each_sample_alone(model, policy):
+@pytest.mark.parametrize("policy,features", BATCH_POLICIES, ids=lambda p: repr(p)[:70])
+def test_batch_with_different_prompt_lengths_and_tile_counts_equals_each_sample_alone(model, policy, features):
     prompts, ratios = [prompt(2, 4, 61), prompt(7, 9, 62), prompt(4, 2, 63)], [[1], [6], [3]]
     batched = batch(prompts, ratios, seed=61)
-    tokens, logits, cache = greedy(model, batched, policy, steps=12)
+    tokens, logits, cache = greedy(model, batched, policy, steps=12, features=features)
     for i in range(3):
         alone = {k: v[i:i + 1, -len(prompts[i]):] if k in ("input_ids", "attention_mask", "cross_attention_mask")
                  else v[i:i + 1] for k, v in batched.items()}
-        ref_tokens, ref_logits, ref_cache = greedy(model, alone, policy, steps=12)
+        ref_tokens, ref_logits, ref_cache = greedy(model, alone, policy, steps=12, features=features)
         assert tokens[i].tolist() == ref_tokens[0].tolist()
         assert (logits[i] - ref_logits[0]).abs().max() <= 1e-8
         assert slot_rows(cache)[i] == slot_rows(ref_cache)[0]
@@ -317,12 +318,12 @@ def test_generate_forwards_the_image_inputs_and_load_dispatches_on_model_type(hf
                                            for p in inspect.signature(avl.generate).parameters.values()):
         pytest.skip("avl.generate / avl.load do not know Llama-3.2-Vision yet (patches in the issue-5 report)")
     assert isinstance(avl.load(hf_mllama[0]), Mllama)
-    policy = Trim(keep=0.5, text=AVL(text_keep=0.5, text_min_budget=2))
+    policy, features = AVL(text_keep=0.5, text_min_budget=2), Trim(keep=0.5, criterion="sum")
     inputs = batch([prompt(2, 6, 91), prompt(5, 3, 92)], [[2], [6]], seed=91)
-    ref_tokens, ref_logits, ref_cache = greedy(model, inputs, policy, steps=10)
+    ref_tokens, ref_logits, ref_cache = greedy(model, inputs, policy, steps=10, features=features)
     (ids, mask, pixels), rest = split(inputs)
-    out = avl.generate(model, ids, pixel_values=pixels, attention_mask=mask, policy=policy, max_new_tokens=10,
-                       output_logits=True, **rest)
+    out = avl.generate(model, ids, pixel_values=pixels, attention_mask=mask, policy=policy, feature_policy=features,
+                       max_new_tokens=10, output_logits=True, **rest)
     assert out.tokens.tolist() == ref_tokens.tolist()
     assert torch.equal(out.logits, ref_logits)
     assert out.stats.total_of("cross").stored_bytes == ref_cache.stats().total_of("cross").stored_bytes
@@ -334,13 +335,15 @@ def test_generate_forwards_the_image_inputs_and_load_dispatches_on_model_type(hf
 def test_compiled_decode_has_no_graph_breaks_and_matches_eager(model):
     from torch._dynamo.utils import counters
 
-    policy = Trim(keep=0.5, text=AVL(text_keep=0.5, text_min_budget=2))
+    from avl.generate import compile_decode
+
+    policy, features = AVL(text_keep=0.5, text_min_budget=2), Trim(keep=0.5, criterion="sum")
     inputs = batch([prompt(2, 4, 71), prompt(6, 5, 72)], [[2], [6]], seed=71)
-    eager_tokens, eager_logits, _ = greedy(model, inputs, policy, steps=16)
+    eager_tokens, eager_logits, _ = greedy(model, inputs, policy, steps=16, features=features)
     torch._dynamo.reset()
     counters.clear()
-    step = torch.compile(model.decode, fullgraph=True, dynamic=False)
-    tokens, logits, _ = greedy(model, inputs, policy, steps=16, decode=step)
+    step = compile_decode(model)
+    tokens, logits, _ = greedy(model, inputs, policy, steps=16, decode=step, features=features)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     assert tokens.tolist() == eager_tokens.tolist()
@@ -404,7 +407,7 @@ def test_trim_on_a_model_without_cross_attention_fails_clearly(hf_llava):
     ids = torch.tensor([[1, *[300] * 16, 5, 6]])
     pixels = torch.randn(1, 3, 48, 48, dtype=torch.float64)
     with pytest.raises(ValueError, match="trims the image features of cross-attention layers, but this model has none"):
-        llava.prefill(ids, torch.ones_like(ids), pixels, Trim(keep=0.5), 4)
+        llava.prefill(ids, torch.ones_like(ids), pixels, Full(), 4, feature_policy=Trim(keep=0.5))
 
 
 def test_trim_on_a_text_model_without_cross_attention_layers_fails_clearly():
@@ -414,7 +417,7 @@ def test_trim_on_a_text_model_without_cross_attention_layers_fails_clearly():
                                             num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=()))
     layout = PromptLayout.from_prompt(torch.zeros(1, 3, dtype=torch.bool), torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="cross_attention_layers is empty"):
-        text.prefill(torch.randn(1, 3, 16), layout, Trim(keep=0.5), 2)
+        text.prefill(torch.randn(1, 3, 16), layout, Full(), 2, feature_policy=Trim(keep=0.5))
     text.prefill(torch.randn(1, 3, 16), layout, Full(), 2)  # the text policies still work
 
 
