@@ -32,12 +32,21 @@ class Role(IntEnum):
 
 
 def _check_ratio(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 < value <= 1.0:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; allowed: a ratio in (0, 1] (a float), "
+                         "or None to turn it off")
+    if not 0.0 < value <= 1.0:
         raise ValueError(f"{name}={value!r} is out of range; allowed: a ratio in (0, 1], or None to turn it off")
 
 
 def _check_count(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; allowed: an integer >= {minimum}")
+    if value < minimum:
         raise ValueError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
 
 
