@@ -178,14 +178,20 @@ class QwenTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Image spans read `<img></img>` (the pads are dropped); with
-        `skip_special_tokens` every special token is dropped (the original's `i < eod_id`)."""
+        `skip_special_tokens` every special token is dropped (the original's `i < eod_id`).
+
+        Ids >= `vocab_size` are skipped, as the tokenizers library skips ids it does not know:
+        Qwen-VL's embedding has 151936 rows for 151851 tokens, so a generated id can have no token.
+        Negative ids are not token ids at all: ValueError.
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:8]}")
-        keep = [i for i in ids if (i < self.eod_id if skip_special_tokens else i != self.img_pad_id)]
+        negative = [i for i in ids if i < 0]
+        if negative:
+            raise ValueError(f"token ids {negative[:8]} are negative; allowed: ids >= 0")
+        known = [i for i in ids if i < self.vocab_size]
+        keep = [i for i in known if (i < self.eod_id if skip_special_tokens else i != self.img_pad_id)]
         return self.encoding.decode_bytes(keep).decode("utf-8", errors=self.errors)
 
     # -- chat ---------------------------------------------------------------------------------
