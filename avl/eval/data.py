@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from avl.eval.tasks import Task
+from avl.processing.image import to_8bit
 
 __all__ = ["DataError", "Dataset", "ImageRef", "Sample", "SampleError", "find_shards", "open_dataset"]
 
@@ -52,16 +53,17 @@ class ImageRef:
     base: Path | None = None
 
     def open(self) -> Image.Image:
-        """Decode to an RGB image (raises ``OSError`` / ``ValueError`` from PIL on bad data)."""
+        """Decode to an RGB image, 16- and 32-bit integer images scaled to 8 bit (`to_8bit`); raises
+        ``OSError`` / ``ValueError`` from PIL on bad data."""
         if self.data is not None:
             with Image.open(io.BytesIO(self.data)) as image:
-                return image.convert("RGB")
+                return to_8bit(image).convert("RGB")
         if self.path:
             path = Path(self.path)
             if not path.is_absolute() and self.base is not None:
                 path = self.base / path
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return to_8bit(image).convert("RGB")
         raise ValueError("the image has neither bytes nor a path")
 
 

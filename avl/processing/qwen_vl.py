@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, load_image
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, load_image, to_8bit
 
 
 TIKTOKEN_FILE = "qwen.tiktoken"
@@ -256,7 +256,8 @@ class QwenVLImageProcessor:
 
     def preprocess_one(self, image: ImageLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # the original: Image.open(path).convert("RGB"), no EXIF rotation
-        image = load_image(image, exif_transpose=False) if not isinstance(image, Image.Image) else image.convert("RGB")
+        image = load_image(image, exif_transpose=False) if not isinstance(image, Image.Image) else \
+            to_8bit(image).convert("RGB")
         size = self.image_size
         resized = image.resize((size, size), resample=Image.Resampling.BICUBIC)
         pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)
