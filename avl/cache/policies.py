@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,12 +168,27 @@ class AVL(Policy):
         if self.prefill_keep is not None and self.prefill_layer >= num_layers:
             raise ValueError(f"prefill_layer={self.prefill_layer} is out of range; allowed: [1, {num_layers - 1}]")
 
+    @classmethod
+    def from_release_flags(cls, **flags: Any) -> AVL:
+        """The A-VL policy of the authors' release flags (`python -m lmms_eval --vision_adaptive_attention
+        true ...`), under the release's own names and command-line defaults, e.g.
+        `AVL.from_release_flags(vision_adaptive_attention=True, vision_adaptive_attention_rate=0.55)`.
+        The table of flags, defaults and fields is `avl.cache.release_flags.RELEASE_FLAGS`."""
+        from avl.cache.release_flags import release_fields
+
+        return cls(**release_fields(flags))
+
 
 @dataclass(frozen=True)
 class FastV(Policy):
     """FastV with a KV cache: after prefill layer `layer - 1`, keep the hidden states of the top
     `int(keep * N_img)` image tokens (last prompt token's head-mean attention); decode then runs on
-    the resulting (shorter) cache of the later layers."""
+    the resulting (shorter) cache of the later layers.
+
+    - layer: FastV's K.
+    - keep: the share of image tokens KEPT, `1 - R`. FastV's R is the share pruned: its fastest
+      setting, R=75%, is `keep=0.25`; the A-VL paper's FastV K2 R50 is `FastV(layer=2, keep=0.5)`.
+    """
 
     layer: int = 2
     keep: float = 0.5
