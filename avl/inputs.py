@@ -88,9 +88,14 @@ def _check_attention_mask(mask: Tensor, shape: tuple[int, ...]) -> None:
 
 
 def _check_token_ids(input_ids: Tensor, model: nn.Module) -> None:
+    """Every id must have an embedding row, but the image placeholder id (`config.image_token_index`),
+    which a model overwrites with image features and never embeds."""
     embedding = getattr(getattr(model, "language_model", None), "embed_tokens", None)
     rows = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
     outside = input_ids < 0 if rows is None else (input_ids < 0) | (input_ids >= rows)
+    image_id = getattr(getattr(model, "config", None), "image_token_index", None)
+    if isinstance(image_id, int):
+        outside &= input_ids != image_id
     if bool(outside.any()):
         row, col = (int(i) for i in outside.nonzero()[0])
         allowed = "ids >= 0" if rows is None else f"ids in [0, {rows}) (the model's embedding rows)"

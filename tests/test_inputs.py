@@ -141,3 +141,13 @@ def test_load_checks_the_device_before_reading_anything(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device='cuda' is not available"):
         avl.load(tmp_path / "no-such-checkpoint", device="cuda")
+
+
+def test_the_image_placeholder_id_may_lie_beyond_the_embedding(model, monkeypatch):
+    """LLaVA overwrites its image positions with features and never embeds the placeholder id."""
+    import dataclasses
+
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, image_token_index=330))
+    ids = prompt().masked_fill(prompt() == 300, 330)
+    out = avl.generate(model, ids, pixel_values=pixels(1), max_new_tokens=2)
+    assert out.tokens.shape == (1, 2)
