@@ -5,7 +5,7 @@ deep inside a vision tower, or torch's AssertionError for a missing CUDA build).
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from avl.cache.policies import Policy
 __all__ = ["check_device", "check_generate_inputs", "check_policy"]
 
 
-def _fail(name: str, value: object, allowed: str) -> None:
+def _fail(name: str, value: object, allowed: str) -> NoReturn:
     raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
