@@ -36,9 +36,9 @@ def load(
     The family comes from `config.json`'s `model_type`. Weights are read from
     `model.safetensors` or the shards of `model.safetensors.index.json` with the hub's key names,
     memory-mapped, into a model built on the meta device (no second copy). `dtype=None` keeps the
-    checkpoint's dtype; a name ("float16", ...) or a torch dtype casts. A device this machine lacks (`cuda`
-    on a CPU-only build) raises ValueError before anything is read. Hub ids resolve through `huggingface_hub.snapshot_download`, offline from
-    the local cache when there is no network.
+    checkpoint's dtype; a name ("float16", ...) or a torch dtype casts. Hub ids resolve through
+    `huggingface_hub.snapshot_download`, offline from the local cache when there is no network. A
+    device this machine lacks (`cuda` on a CPU-only build) raises ValueError before anything is read.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -51,7 +51,8 @@ RELEASE_FLAGS: tuple[ReleaseFlag, ...] = (
     ReleaseFlag("text_pruning_flag", False, None, "turns T on"),
     ReleaseFlag("text_pruning_rate", 0.5, "text_keep", "`1 - rate`: text rows kept (T)"),
     ReleaseFlag("text_init_cache", 20, "text_min_budget", "the same: the text budget's minimum"),
-    ReleaseFlag("text_h20_hh_rate_in_cache", 0.7, "text_heavy_share", "the same: heavy-hitter share of the text budget"),
+    ReleaseFlag("text_h20_hh_rate_in_cache", 0.7, "text_heavy_share",
+                "the same: heavy-hitter share of the text budget"),
     ReleaseFlag("text_use_h2o", True, None,
                 "must be true with `text_pruning_flag`: the release's other text rule is not implemented in avl"),
     ReleaseFlag("compare_text_direct_pruning", False, None,
@@ -97,8 +98,8 @@ def _resolve(flags: Mapping[str, Any]) -> dict[str, Any]:
                          "rule of the release that avl does not implement; allowed: text_use_h2o=true, "
                          "compare_text_direct_pruning=false")
     if values["all_use_h2o"] and any(values[s] for s in _SWITCHES):
-        raise ValueError(f"all_use_h2o=true with {[s for s in _SWITCHES if values[s]]} mixes the H2O baseline with A-VL "
-                         "parts; allowed: all_use_h2o alone")
+        raise ValueError(f"all_use_h2o=true with {[s for s in _SWITCHES if values[s]]} mixes the H2O baseline with "
+                         "A-VL parts; allowed: all_use_h2o alone")
     return values
 
 
