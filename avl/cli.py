@@ -11,8 +11,10 @@ import torch
 
 from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM, split_policy
 from avl.cache.trim import Trim
+from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
+from avl.inputs import check_device
 from avl.loading import DTYPES, load
 from avl.processing.auto import load_chat_processor
 from avl.weights import resolve_checkpoint
@@ -50,7 +52,8 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-layer", type=int, help="A-VL: layer after which P prunes (default 2)")
     group.add_argument("--text-keep", type=float, help="A-VL T: text rows kept (H2O budget ratio)")
     group.add_argument("--fastv-layer", type=int, help="FastV K (default 2)")
-    group.add_argument("--fastv-keep", type=float, help="FastV: image tokens kept (default 0.5)")
+    group.add_argument("--fastv-keep", type=float,
+                       help="FastV: share of image tokens KEPT, 1 - R (default 0.5; FastV's R=75%% is 0.25)")
     group.add_argument("--h2o-budget", type=float, help="H2O: rows kept (ratio, default 0.5)")
     group.add_argument("--heavy-share", type=float, help="H2O: heavy-hitter share of the budget (default 0.25)")
     group.add_argument("--sinks", type=int, help="StreamingLLM: sink rows (default 4)")
@@ -73,8 +76,20 @@ def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: 
     print(out.stats.table())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="avl", description=__doc__)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `avl` command line: `generate`, `demo`, `eval`."""
+    parser = OneLineErrorParser(prog="avl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="answer a prompt about an image")
@@ -84,29 +99,59 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--prompt", required=True)
 
     demo = commands.add_parser("demo", help="build a tiny RANDOM LLaVA-1.5 locally and run the whole pipeline")
-    demo.add_argument("--out", help="where to write the tiny checkpoint (default: a temporary directory)")
+    demo.add_argument("--out", help="an empty or new directory for the tiny checkpoint (default: a temporary one)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="write into --out even if it is not empty (its config, tokenizer and weights files "
+                           "are replaced)")
     demo.add_argument("--prompt", default="What is shown in this image?")
     add_eval_parser(commands)
 
     for sub in (gen, demo):
-        sub.add_argument("--max-new-tokens", type=int, default=32)
+        sub.add_argument("--max-new-tokens", type=positive_int, default=32)
         sub.add_argument("--dtype", choices=DTYPES, default="float32")
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--compile", action="store_true", help="run decode under torch.compile(fullgraph=True)")
         add_policy_options(sub)
-    args = parser.parse_args(argv)
+        add_debug_option(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`avl ...`: exits 2 with one line `avl <cmd>: error: ...` on a user error (see `avl.cli_errors`)."""
+    args = build_parser().parse_args(argv)
     if args.command == "eval":
         sys.exit(run_eval(args))
-    try:
-        policy = policy_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
+    status = run_reporting_errors(f"avl {args.command}", args, lambda: _run(args))
+    if status:
+        sys.exit(status)
+
+
+def _run(args: argparse.Namespace) -> None:
+    policy = policy_from_args(args)
+    check_device(args.device)
     if args.command == "generate":
         if not Path(args.image).is_file():
-            parser.error(f"--image {args.image!r}: no such file")
+            raise FileNotFoundError(f"--image {args.image!r}: no such file")
         run_generate(args.model, args.image, args.prompt, policy, args)
     else:
         run_demo(policy, args)
+
+
+def check_demo_out(out: str | None, overwrite: bool) -> None:
+    """Refuse a `--out` that is a file, or a non-empty directory without `--overwrite`: the demo's
+    config.json, tokenizer files and model.safetensors would replace the user's (and in a sharded
+    checkpoint its model.safetensors would shadow the index)."""
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {str(path)!r} is a file; allowed: an empty or new directory")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise FileExistsError(f"--out {str(path)!r} is not empty ({shown}); the demo would overwrite its "
+                              "config.json, tokenizer and weights files. Use an empty or new directory, or pass "
+                              "--overwrite")
 
 
 def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
@@ -114,6 +159,7 @@ def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
 
     from avl.tiny import build_tiny_llava
 
+    check_demo_out(args.out, args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         print(f"Building a tiny LLaVA-1.5 with RANDOM weights in {out} (no download): the pipeline, shapes and "

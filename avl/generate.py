@@ -11,6 +11,7 @@ from torch import Tensor
 
 from avl.cache.modal_cache import CacheStats, DecodeStep, ModalCache
 from avl.cache.policies import FeaturePolicy, Full, Policy
+from avl.inputs import check_generate_inputs
 from avl.models.layers import compute_dtype
 
 
@@ -63,11 +64,6 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _check(name: str, ok: bool, allowed: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
 def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> Tensor:
     """Greedy argmax, or sampling with temperature and nucleus (top-p) filtering: logits [B, V] -> [B]."""
@@ -115,19 +111,10 @@ def generate(
     Generation stops early once every sample has produced an EOS id.
     """
     policy = policy if policy is not None else Full()
-    if isinstance(policy, FeaturePolicy):
-        raise TypeError(f"policy={policy!r} selects image features: pass it as feature_policy=..., with the "
-                        "sequence policy (default Full()) as policy=...")
-    _check("input_ids", input_ids.dim() == 2 and input_ids.shape[1] > 0, "a [batch, length] tensor", tuple(input_ids.shape))
-    _check("max_new_tokens", isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an integer >= 1", max_new_tokens)
-    _check("temperature", temperature > 0, "> 0", temperature)
-    _check("top_p", 0 < top_p <= 1, "(0, 1]", top_p)
+    check_generate_inputs(model, input_ids, attention_mask, pixel_values, policy, feature_policy, max_new_tokens,
+                          temperature, top_p)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check("attention_mask", attention_mask.shape == input_ids.shape, f"shape {tuple(input_ids.shape)}",
-           tuple(attention_mask.shape))
-    _check("attention_mask", bool((attention_mask[:, -1] == 1).all()), "left padding (last column all 1)",
-           "right-padded or empty rows")
     eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
                        else list(eos_token_id), device=input_ids.device, dtype=torch.long)
     fill = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)

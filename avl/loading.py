@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from avl.inputs import check_device
 from avl.models.llava import Llava, LlavaConfig
 from avl.models.llava_next import LlavaNext, LlavaNextConfig
 from avl.models.mllama import Mllama, MllamaConfig
@@ -35,13 +36,15 @@ def load(
     The family comes from `config.json`'s `model_type`. Weights are read from
     `model.safetensors` or the shards of `model.safetensors.index.json` with the hub's key names,
     memory-mapped, into a model built on the meta device (no second copy). `dtype=None` keeps the
-    checkpoint's dtype; a name ("float16", ...) or a torch dtype casts. Hub ids resolve through `huggingface_hub.snapshot_download`, offline from
-    the local cache when there is no network.
+    checkpoint's dtype; a name ("float16", ...) or a torch dtype casts. Hub ids resolve through
+    `huggingface_hub.snapshot_download`, offline from the local cache when there is no network. A
+    device this machine lacks (`cuda` on a CPU-only build) raises ValueError before anything is read.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    device = check_device(device)
     directory = resolve_checkpoint(path_or_hub_id, revision=revision)
     raw = read_config(directory)
     model_type = raw.get("model_type")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from avl.cli import main
@@ -70,3 +71,83 @@ def test_generate_runs_a_llama_vision_checkpoint_with_trim(tmp_path, capsys):
           "--max-new-tokens", "3", "--policy", "trim", "--trim-keep", "0.5"])
     out = capsys.readouterr().out
     assert out.startswith("answer: ") and "Trim(keep=0.5" in out and "cross all" in out
+
+
+# --- user errors: one line `avl <cmd>: error: ...`, exit 2, no traceback (issue 11, items 1, 3, 6) ---------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = build_tiny_llava(tmp_path_factory.mktemp("tiny"))
+    image = directory.parent / "red.png"
+    Image.new("RGB", (50, 70), (200, 10, 10)).save(image)
+    return directory, image
+
+
+def error_line(argv: list[str], capsys) -> str:
+    """Run `avl argv`, expect exit 2 and exactly one stderr line (no traceback); return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def generate_argv(tiny, *extra: str) -> list[str]:
+    directory, image = tiny
+    return ["generate", "--model", str(directory), "--image", str(image), "--prompt", "Color?",
+            "--max-new-tokens", "2", *extra]
+
+
+def test_user_errors_of_generate_are_one_line_with_exit_2(tiny, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    lines = {
+        "bad checkpoint": error_line(["generate", "--model", str(empty), "--image", str(tiny[1]), "--prompt", "p"],
+                                     capsys),
+        "trim on llava": error_line(generate_argv(tiny, "--policy", "trim"), capsys),
+        "layer too deep": error_line(generate_argv(tiny, "--policy", "avl", "--prefill-keep", "0.5",
+                                                   "--prefill-layer", "9"), capsys),
+        "placeholders": error_line(generate_argv(tiny)[:-2] + ["--prompt", "<image> twice?"], capsys),
+        "zero tokens": error_line(generate_argv(tiny, "--max-new-tokens", "0"), capsys),
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lines["cuda"] = error_line(generate_argv(tiny, "--device", "cuda"), capsys)
+    assert all(line.startswith("avl generate: error: ") for line in lines.values()), lines
+    assert "not-a-checkpoint" in lines["bad checkpoint"] and "config.json" in lines["bad checkpoint"]
+    assert "this model has none" in lines["trim on llava"]
+    assert "prefill_layer=9 is out of range; allowed: [1, 3]" in lines["layer too deep"]
+    assert "image" in lines["placeholders"] and "2" in lines["placeholders"]
+    assert "argument --max-new-tokens: 0 is invalid; allowed: an integer >= 1" in lines["zero tokens"]
+    assert "device='cuda' is not available" in lines["cuda"]
+
+
+def test_debug_shows_the_traceback(tiny, monkeypatch):
+    with pytest.raises(ValueError, match="this model has none"):
+        main(generate_argv(tiny, "--policy", "trim", "--debug"))
+    monkeypatch.setenv("AVL_DEBUG", "1")
+    with pytest.raises(ValueError, match="prefill_layer=9"):
+        main(generate_argv(tiny, "--policy", "avl", "--prefill-keep", "0.5", "--prefill-layer", "9"))
+
+
+def test_demo_refuses_a_non_empty_out_directory(tmp_path, capsys):
+    out = tmp_path / "my-model"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "model.safetensors.index.json").write_text("{}")
+    line = error_line(["demo", "--out", str(out), "--max-new-tokens", "1"], capsys)
+    assert line.startswith("avl demo: error: --out ") and str(out) in line and "--overwrite" in line
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors.index.json"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    assert "is a file" in error_line(["demo", "--out", str(file)], capsys)
+
+
+def test_demo_overwrites_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "scratch"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    main(["demo", "--out", str(out), "--overwrite", "--max-new-tokens", "1"])
+    assert capsys.readouterr().out.startswith("answer: ")
+    assert '"model_type": "llava"' in (out / "config.json").read_text()

@@ -9,8 +9,27 @@ import torch
 
 import avl
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-AVL_FIXTURES = Path(os.environ.get("AVL_REFERENCE_FIXTURES", SHARED / "fixtures" / "avl-reference"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # the reference fixtures in the repository
+
+
+def fixture_folders(bundled: str, env: str) -> list[Path]:
+    """Every reference-fixture folder (one holding `expected.json`): `tests/fixtures/<bundled>`, plus
+    each path in `$env` (os.pathsep-separated; a fixture folder or a folder of them), which adds
+    folders to the bundled ones. A path in `$env` that holds no fixture raises, naming it."""
+    folders: list[Path] = []
+    extra = [Path(p).expanduser() for p in os.environ.get(env, "").split(os.pathsep) if p]
+    for root in [FIXTURES / bundled, *extra]:
+        found = [root] if (root / "expected.json").is_file() else \
+            sorted(p for p in root.iterdir() if (p / "expected.json").is_file()) if root.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"no reference fixture (a folder with expected.json) at {root}"
+                                    + (f" (from ${env})" if root in extra else ""))
+        folders += [f for f in found if f.resolve() not in {g.resolve() for g in folders}]
+    return folders
+
+
+AVL_FIXTURES = fixture_folders("avl-reference", "AVL_REFERENCE_FIXTURES")
+QWEN_FIXTURES = fixture_folders("qwen-vl-reference", "QWEN_VL_REFERENCE_FIXTURES")
 
 IMAGE_TOKEN = 300
 PAD_TOKEN = 301
@@ -101,7 +120,7 @@ def build_tiny_qwen_checkpoint(directory: Path) -> Path:
     import shutil
     import string
 
-    source = SHARED / "fixtures" / "qwen-vl-reference"
+    source = FIXTURES / "qwen-vl-reference"
     directory.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(source / name, directory / name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,21 @@ class Role(IntEnum):
 
 
 def _check_ratio(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 < value <= 1.0:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; allowed: a ratio in (0, 1] (a float), "
+                         "or None to turn it off")
+    if not 0.0 < value <= 1.0:
         raise ValueError(f"{name}={value!r} is out of range; allowed: a ratio in (0, 1], or None to turn it off")
 
 
 def _check_count(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} is a {type(value).__name__}; allowed: an integer >= {minimum}")
+    if value < minimum:
         raise ValueError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
 
 
@@ -165,12 +175,27 @@ class AVL(Policy):
         if self.prefill_keep is not None and self.prefill_layer >= num_layers:
             raise ValueError(f"prefill_layer={self.prefill_layer} is out of range; allowed: [1, {num_layers - 1}]")
 
+    @classmethod
+    def from_release_flags(cls, **flags: Any) -> AVL:
+        """The A-VL policy of the authors' release flags (`python -m lmms_eval --vision_adaptive_attention
+        true ...`), under the release's own names and command-line defaults, e.g.
+        `AVL.from_release_flags(vision_adaptive_attention=True, vision_adaptive_attention_rate=0.55)`.
+        The table of flags, defaults and fields is `avl.cache.release_flags.RELEASE_FLAGS`."""
+        from avl.cache.release_flags import release_fields
+
+        return cls(**release_fields(flags))
+
 
 @dataclass(frozen=True)
 class FastV(Policy):
     """FastV with a KV cache: after prefill layer `layer - 1`, keep the hidden states of the top
     `int(keep * N_img)` image tokens (last prompt token's head-mean attention); decode then runs on
-    the resulting (shorter) cache of the later layers."""
+    the resulting (shorter) cache of the later layers.
+
+    - layer: FastV's K.
+    - keep: the share of image tokens KEPT, `1 - R`. FastV's R is the share pruned: its fastest
+      setting, R=75%, is `keep=0.25`; the A-VL paper's FastV K2 R50 is `FastV(layer=2, keep=0.5)`.
+    """
 
     layer: int = 2
     keep: float = 0.5

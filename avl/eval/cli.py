@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from avl.cache.policies import Full
+from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
 from avl.eval.distributed import Dist
 from avl.eval.runner import DTYPES, PTB_BACKENDS, EvalConfig, evaluate, load_for_eval, print_summary
 from avl.eval.tasks import TASKS
@@ -54,6 +55,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--baselines", action="store_true", help="add full, FastV, H2O and StreamingLLM to the sweep")
     sweep.add_argument("--no-plot", action="store_true", help="no sweep plot")
     add_policy_options(parser)
+    add_debug_option(parser)
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -72,7 +74,12 @@ def _config(args: argparse.Namespace, policy: Any, out: str) -> EvalConfig:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run `avl eval` from parsed arguments; returns the exit status (2 on bad input, with a message)."""
+    """Run `avl eval` from parsed arguments; returns the exit status (2 on bad input, with a one-line
+    message; `--debug` or AVL_DEBUG=1 raises instead)."""
+    return run_reporting_errors("avl eval", args, lambda: _run_eval(args))
+
+
+def _run_eval(args: argparse.Namespace) -> None:
     from avl.cli import policy_from_args
     from avl.eval.sweep import policy_slug, run_sweep, sweep_policies
 
@@ -104,17 +111,13 @@ def run_eval(args: argparse.Namespace) -> int:
             if summary is not None:
                 print_summary(summary)
                 print(f"results: {out}")
-    except (ValueError, OSError, NotImplementedError, ImportError) as error:
-        print(f"avl eval: error: {error}", file=sys.stderr)
-        return 2
     finally:
         if dist is not None:
             dist.close()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m avl.eval ...`."""
-    parser = argparse.ArgumentParser(prog="python -m avl.eval", description=DESCRIPTION)
+    parser = OneLineErrorParser(prog="python -m avl.eval", description=DESCRIPTION)
     add_eval_arguments(parser)
     sys.exit(run_eval(parser.parse_args(argv)))

@@ -15,10 +15,15 @@
 
 Samples are numbered by their position in that order (``index``), which is what results files
 and sharding refer to. Images are decoded only when a sample is processed.
+
+``Dataset.sha256`` is a hash of the data's content (the jsonl file's bytes; every shard's name and
+bytes, in order), which results files are keyed on, so editing the data in place is noticed. Image
+files that a jsonl names by path are not part of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -29,6 +34,7 @@ from typing import Any
 from PIL import Image
 
 from avl.eval.tasks import Task
+from avl.processing.image import to_8bit
 
 __all__ = ["DataError", "Dataset", "ImageRef", "Sample", "SampleError", "find_shards", "open_dataset"]
 
@@ -52,16 +58,17 @@ class ImageRef:
     base: Path | None = None
 
     def open(self) -> Image.Image:
-        """Decode to an RGB image (raises ``OSError`` / ``ValueError`` from PIL on bad data)."""
+        """Decode to an RGB image, 16- and 32-bit integer images scaled to 8 bit (`to_8bit`); raises
+        ``OSError`` / ``ValueError`` from PIL on bad data."""
         if self.data is not None:
             with Image.open(io.BytesIO(self.data)) as image:
-                return image.convert("RGB")
+                return to_8bit(image).convert("RGB")
         if self.path:
             path = Path(self.path)
             if not path.is_absolute() and self.base is not None:
                 path = self.base / path
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return to_8bit(image).convert("RGB")
         raise ValueError("the image has neither bytes nor a path")
 
 
@@ -89,6 +96,11 @@ class Dataset:
     source: str
 
     def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the data's content (see the module docstring)."""
         raise NotImplementedError
 
     def samples(self, indices: Iterable[int] | None = None) -> Iterator[Sample]:
@@ -176,6 +188,20 @@ class ParquetDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def sha256(self) -> str:
+        """Every shard's name (relative to ``--data``) and bytes, in order; read in 1 MiB chunks once
+        per run (seconds for gigabytes)."""
+        digest = hashlib.sha256()
+        root = Path(self.source)
+        base = root if root.is_dir() else root.parent
+        for path in self.files:
+            digest.update(f"{path.relative_to(base).as_posix()}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(2**20), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
     def samples(self, indices: Iterable[int] | None = None) -> Iterator[Sample]:
         pq = _pyarrow()
         wanted = None if indices is None else sorted(set(indices))
@@ -205,7 +231,9 @@ class JsonlDataset(Dataset):
     def __init__(self, path: Path, task: Task) -> None:
         self.task, self.path, self.source = task, path, str(path)
         self.rows: list[dict[str, Any]] = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        content = path.read_bytes()
+        self._sha256 = hashlib.sha256(content).hexdigest()
+        for number, line in enumerate(content.decode("utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -224,6 +252,11 @@ class JsonlDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def sha256(self) -> str:
+        """The jsonl file's bytes as read."""
+        return self._sha256
 
     def samples(self, indices: Iterable[int] | None = None) -> Iterator[Sample]:
         chosen = range(len(self.rows)) if indices is None else sorted(set(indices))

@@ -3,8 +3,8 @@
 ``--out DIR`` holds
 
 * ``samples.jsonl``: a header line ``{"avl_eval_run": 1, "config_hash": ..., "config": {...}}``
-  (model, task, data, policy, dtype, generation settings: everything that changes a sample's
-  result), then one JSON record per sample, appended (and flushed) as soon as it is done;
+  (model, task, data path and content hash, policy, dtype, generation settings: everything that
+  changes a sample's result), then one JSON record per sample, appended (and flushed) as soon as it is done;
 * ``samples.rank<r>.jsonl`` while a data-parallel run is under way (one writer per file); rank 0
   merges them into ``samples.jsonl`` at the end;
 * ``summary.json``.
@@ -81,12 +81,16 @@ class ResultsStore:
             raise RunMismatchError(f"{path} is not an avl eval results file (no {HEADER_KEY!r} header)")
         if header.get("config_hash") != self.hash:
             theirs = header.get("config", {})
-            differ = [f"{key}: {theirs.get(key)!r} there, {self.config.get(key)!r} now"
-                      for key in sorted(set(theirs) | set(self.config)) if theirs.get(key) != self.config.get(key)]
+            keys = [key for key in sorted(set(theirs) | set(self.config)) if theirs.get(key) != self.config.get(key)]
+            differ = [f"{key}: {theirs.get(key)!r} there, {self.config.get(key)!r} now" for key in keys]
+            changed = ""
+            if "data_sha256" in keys and theirs.get("data") == self.config.get("data"):
+                changed = (f"the data {self.config.get('data')} changed since those results were written (its "
+                           "content hash differs), so old and new records would mix; ")
             raise RunMismatchError(
                 f"{path} holds results of a different run (config {header.get('config_hash')}, this run "
-                f"{self.hash}); differing: {'; '.join(differ) or 'format'}. Use another --out, or delete the file "
-                "to start over.")
+                f"{self.hash}): {changed}differing: {'; '.join(differ) or 'format'}. Use another --out, or delete "
+                "the file to start over.")
 
     def load(self) -> dict[int, Record]:
         """Every record already in the folder, by sample index (checks all headers first)."""

@@ -39,6 +39,7 @@ from avl.eval.families import Family, Processor, get_family
 from avl.eval.results import SUMMARY_NAME, Record, ResultsStore, format_summary, merge_record, summarize
 from avl.eval.tasks import Task, get_task
 from avl.generate import Generative, generate
+from avl.inputs import check_policy
 from avl.loading import DTYPES, load
 from avl.weights import read_config, resolve_checkpoint
 
@@ -119,13 +120,16 @@ def policy_dict(policy: Policy | FeaturePolicy) -> dict[str, Any]:
     return {"name": type(policy).__name__, "fields": dataclasses.asdict(policy), "repr": repr(policy)}
 
 
-def run_config(config: EvalConfig, task: Task, model_id: str, family: Family, dtype: str) -> dict[str, Any]:
-    """What decides each sample's result; stored (hashed) in the results header."""
+def run_config(config: EvalConfig, task: Task, model_id: str, family: Family, dtype: str,
+               data_sha256: str) -> dict[str, Any]:
+    """What decides each sample's result; stored (hashed) in the results header. The data is keyed
+    on its content (`data_sha256`), not only its path: editing it in place makes a new run."""
     return {
         "model": model_id,
         "model_type": family.model_type,
         "task": task.name,
         "data": str(Path(config.data).expanduser().resolve()),
+        "data_sha256": data_sha256,
         "policy": policy_dict(config.policy),
         "dtype": dtype,
         "max_new_tokens": config.max_new_tokens or task.max_new_tokens,
@@ -282,7 +286,8 @@ def evaluate(
     """Run (or resume) one evaluation; returns the summary on rank 0, None on other ranks.
 
     `loaded` reuses a model across runs; `dist` defaults to the torchrun environment;
-    `on_record` is called after each record is written (progress hooks, tests).
+    `on_record` is called after each record is written (progress hooks, tests). A policy that cannot
+    run on the model (Trim on LLaVA, a layer beyond its depth) raises ValueError before any sample.
     """
     started = time.perf_counter()
     task = get_task(config.task)
@@ -292,11 +297,13 @@ def evaluate(
         dataset = open_dataset(config.data, task)
         if loaded is None:
             model_id, family, _ = model_identity(config.model, config.family)
-            store = ResultsStore(config.out, run_config(config, task, model_id, family, config.dtype))
+            store = ResultsStore(config.out, run_config(config, task, model_id, family, config.dtype, dataset.sha256))
         else:
-            store = ResultsStore(config.out, run_config(config, task, loaded.model_id, loaded.family, loaded.dtype))
+            store = ResultsStore(config.out, run_config(config, task, loaded.model_id, loaded.family, loaded.dtype,
+                                                        dataset.sha256))
         done = store.load()  # a results file of another configuration is refused before the model loads
         loaded = loaded or load_for_eval(config.model, config.dtype, config.device, config.family)
+        check_policy(loaded.model, *split_policy(config.policy))  # once, before the first sample: not one failure per sample
         dist.barrier()
         selected = range(min(config.limit or len(dataset), len(dataset)))
         pending = [i for i in selected if i not in done or done[i].get("error") is not None]

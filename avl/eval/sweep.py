@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM, split_policy
 from avl.eval.distributed import Dist
 from avl.eval.runner import EvalConfig, LoadedModel, evaluate, load_for_eval, print_summary
+from avl.inputs import check_policy
 
 __all__ = ["BASELINES", "POLICY_CLASSES", "parse_grid", "plot_sweep", "policy_label", "policy_slug", "run_sweep",
            "sweep_table"]
@@ -178,6 +179,8 @@ def run_sweep(base: EvalConfig, policies: Sequence[Policy], out: str | Path, loa
     out = Path(out)
     dist = dist or Dist()
     loaded = loaded or load_for_eval(base.model, base.dtype, base.device, base.family)
+    for policy in policies:  # every policy fits the model before the first run starts
+        check_policy(loaded.model, *split_policy(policy))
     rows = []
     for policy in policies:
         config = dataclasses.replace(base, policy=policy, out=str(out / "runs" / policy_slug(policy)))

@@ -124,7 +124,17 @@ class ClipVisionTower(nn.Module):
         require(-n <= layer < n, "vision_feature_layer", layer, f"[{-n}, {n - 1}]")
         return layer % n
 
+    def check_pixels(self, pixel_values: Tensor) -> None:
+        """Raise ValueError unless pixel_values is [images, num_channels, image_size, image_size]."""
+        cfg = self.config
+        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [images, "
+                             f"{', '.join(map(str, expected))}] (vision_config: num_channels={cfg.num_channels}, "
+                             f"image_size={cfg.image_size}): preprocess with the checkpoint's image processor")
+
     def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
+        self.check_pixels(pixel_values)
         stop = self.hidden_state_index(layer)
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         for block in self.encoder["layers"][:stop]:

@@ -113,6 +113,8 @@ class Llava(nn.Module):
         image_mask = input_ids == self.config.image_token_index  # [B, L]
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
         n_slots = int(image_mask.sum())
+        if pixel_values is not None:
+            self.vision_tower.check_pixels(pixel_values)
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         per_image = self.config.image_tokens_per_image
         if n_slots != n_images * per_image:

@@ -3,7 +3,7 @@ Llama-3.2-Vision)."""
 
 from avl.processing.anyres import LlavaNextImageProcessor
 from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
-from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_rgb
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_8bit, to_rgb
 from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
 from avl.processing.mllama import MllamaImageProcessor, MllamaProcessor, mllama_chat_prompt, mllama_prompt
@@ -39,5 +39,6 @@ __all__ = [
     "mllama_prompt",
     "qwen_chat_prompt",
     "qwen_vl_query",
+    "to_8bit",
     "to_rgb",
 ]

@@ -3,7 +3,8 @@
 The arithmetic follows transformers' PIL/NumPy image processors (`CLIPImageProcessorPil`,
 `LlavaImageProcessorPil`), which is what the llava-hf checkpoints were evaluated with:
 
-1. convert to RGB: transparency is composited onto a white background, other modes use
+1. convert to RGB: 16- and 32-bit integer images (modes `I;16*`, `I`) are first scaled to 8 bit
+   (`to_8bit`); transparency is composited onto a white background, other modes use
    `Image.convert("RGB")`;
 2. optional pad-to-square (original LLaVA-1.5 `image_aspect_ratio="pad"`): a square canvas of
    the mean colour `int(m * 255)`, the image pasted centred with offset `(long - short) // 2`;
@@ -12,7 +13,10 @@ The arithmetic follows transformers' PIL/NumPy image processors (`CLIPImageProce
    start, when the image is smaller than the crop);
 5. rescale in float64, then cast to float32, then `(x - mean) / std` in float32.
 
-Steps 3-5 use the same operations in the same precision, so the result is bit-identical.
+Steps 3-5 use the same operations in the same precision, so the result is bit-identical for 8-bit
+images. It differs on purpose for 16- and 32-bit integer images: `Image.convert("RGB")`, which
+transformers' PIL path (and the original LLaVA code) uses, clips each value at 255, so a 16-bit
+PNG comes out near white; avl scales it to 8 bit first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -38,12 +43,37 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 _PIL_RESAMPLE_CODES = {int(r): r for r in Image.Resampling}
 
 
+# integer modes wider than 8 bit -> the largest value of their range
+_WIDE_INTEGER_MODES = {"I;16": 2**16 - 1, "I;16L": 2**16 - 1, "I;16B": 2**16 - 1, "I;16N": 2**16 - 1,
+                       "I": 2**31 - 1}
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer image scaled to 8-bit grayscale ("L"); other images unchanged.
+
+    `v -> round(v * 255 / full)`, with `full` = 65535 for the `I;16*` modes (16-bit PNG / TIFF), so
+    an 8-bit image widened to 16 bits (`x * 257`) comes back exactly. Mode `I` (signed 32-bit)
+    uses 65535 as well when every value fits in 16 bits (some Pillow versions and formats decode
+    16-bit data as `I`), else 2**31 - 1; negative values become 0. `Image.convert` would clip at 255
+    instead (a near-white image).
+    """
+    full = _WIDE_INTEGER_MODES.get(image.mode)
+    if full is None:
+        return image
+    values = np.asarray(image).astype(np.float64).clip(min=0)
+    if image.mode == "I" and values.size and values.max() <= _WIDE_INTEGER_MODES["I;16"]:
+        full = _WIDE_INTEGER_MODES["I;16"]
+    scaled = np.floor(values * (255 / full) + 0.5).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
 def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, exif_transpose: bool = True) -> Image.Image:
     """Open an image file (or take a PIL image) and return it as an RGB PIL image.
 
     Matches `transformers.image_utils.load_image` for local files: the EXIF orientation is
     applied, then `Image.convert("RGB")` (an alpha channel is dropped, as in the original LLaVA
-    code's `Image.open(path).convert("RGB")`). Note that `ClipImageProcessor` itself, like
+    code's `Image.open(path).convert("RGB")`); 16- and 32-bit integer images are scaled to 8 bit
+    first (`to_8bit`), where transformers clips them at 255. Note that `ClipImageProcessor` itself, like
     transformers' image processors, composites transparency onto white instead; this only
     matters for images with an alpha channel that skip `load_image`.
 
@@ -67,7 +97,7 @@ def load_image(path_or_image: str | os.PathLike[str] | Image.Image, *, exif_tran
         raise TypeError(f"load_image expects a path or a PIL.Image.Image, got {type(path_or_image).__name__}")
     if exif_transpose:
         image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    return to_8bit(image).convert("RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -75,7 +105,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Same rule as transformers' `image_transforms.convert_to_rgb`: an image counts as transparent
     when it has an "A" band (RGBA, LA, PA, ...) or a `transparency` entry (palette/L images).
+    16- and 32-bit integer images are scaled to 8 bit first (`to_8bit`; transformers clips them).
     """
+    image = to_8bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

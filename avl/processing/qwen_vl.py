@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, load_image
+from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageLike, load_image, to_8bit
 
 
 TIKTOKEN_FILE = "qwen.tiktoken"
@@ -178,14 +178,20 @@ class QwenTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Image spans read `<img></img>` (the pads are dropped); with
-        `skip_special_tokens` every special token is dropped (the original's `i < eod_id`)."""
+        `skip_special_tokens` every special token is dropped (the original's `i < eod_id`).
+
+        Ids >= `vocab_size` are skipped, as the tokenizers library skips ids it does not know:
+        Qwen-VL's embedding has 151936 rows for 151851 tokens, so a generated id can have no token.
+        Negative ids are not token ids at all: ValueError.
+        """
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:8]}")
-        keep = [i for i in ids if (i < self.eod_id if skip_special_tokens else i != self.img_pad_id)]
+        negative = [i for i in ids if i < 0]
+        if negative:
+            raise ValueError(f"token ids {negative[:8]} are negative; allowed: ids >= 0")
+        known = [i for i in ids if i < self.vocab_size]
+        keep = [i for i in known if (i < self.eod_id if skip_special_tokens else i != self.img_pad_id)]
         return self.encoding.decode_bytes(keep).decode("utf-8", errors=self.errors)
 
     # -- chat ---------------------------------------------------------------------------------
@@ -250,7 +256,8 @@ class QwenVLImageProcessor:
 
     def preprocess_one(self, image: ImageLike, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # the original: Image.open(path).convert("RGB"), no EXIF rotation
-        image = load_image(image, exif_transpose=False) if not isinstance(image, Image.Image) else image.convert("RGB")
+        image = load_image(image, exif_transpose=False) if not isinstance(image, Image.Image) else \
+            to_8bit(image).convert("RGB")
         size = self.image_size
         resized = image.resize((size, size), resample=Image.Resampling.BICUBIC)
         pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, 3)

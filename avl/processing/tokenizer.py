@@ -163,13 +163,19 @@ class Tokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list, tuple or 1-D tensor of ints)."""
+        """Text of `ids` (a list, tuple or 1-D tensor of ints).
+
+        Ids the tokenizer does not know are skipped, as the tokenizers library does: a checkpoint's
+        embedding is often padded beyond its tokenizer (llava-hf/llava-1.5-7b-hf: 32064 rows, 32002
+        tokens), so a generated id can have no token, and the rest of the answer is still text.
+        Negative ids are not token ids at all: ValueError.
+        """
         if hasattr(ids, "tolist"):
             ids = ids.tolist()  # type: ignore[union-attr]
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:8]}")
+        negative = [i for i in ids if i < 0]
+        if negative:
+            raise ValueError(f"token ids {negative[:8]} are negative; allowed: ids >= 0")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import re
 import sys
 
 import pytest
@@ -239,3 +240,59 @@ def test_a_llama_vision_checkpoint_runs_with_trim(tmp_path):
     summary = evaluate(config(directory, "nocaps_val", data, tmp_path / "out", batch_size=2, policy=Trim(keep=0.5)))
     assert (summary["samples"], summary["failed"]) == (2, 0)
     assert summary["kv_cache"]["stored_pct"] < 100
+
+
+def test_editing_the_data_in_place_is_refused_naming_it(checkpoint, loaded, tmp_path):
+    """Resume keys the run on the data's content, not its path (issue 11, item 4)."""
+    data = write_tiny_jsonl("vqav2_val", tmp_path / "data", n=3)
+    evaluate(config(checkpoint, "vqav2_val", data, tmp_path / "out", limit=2), loaded=loaded)
+    lines = data.read_text().splitlines()
+    edited = json.loads(lines[2]) | {"question": "What is written here?"}
+    data.write_text("\n".join([*lines[:2], json.dumps(edited)]) + "\n")
+    with pytest.raises(RunMismatchError, match=rf"the data {data} changed since those results were written .*"
+                                               r"differing: data_sha256"):
+        evaluate(config(checkpoint, "vqav2_val", data, tmp_path / "out"), loaded=loaded)
+    assert len(records(tmp_path / "out")) == 2  # nothing mixed in
+
+
+def test_editing_a_parquet_shard_in_place_is_refused(checkpoint, loaded, tmp_path):
+    data = write_tiny_parquet("textvqa_val", tmp_path / "data", n=3)
+    evaluate(config(checkpoint, "textvqa_val", data, tmp_path / "out", limit=1), loaded=loaded)
+    rows = tiny_rows("textvqa_val", 3)
+    rows[0]["question"] = "Another question?"
+    write_tiny_parquet("textvqa_val", tmp_path / "data", rows=rows)
+    with pytest.raises(RunMismatchError, match="changed since those results were written"):
+        evaluate(config(checkpoint, "textvqa_val", data, tmp_path / "out"), loaded=loaded)
+
+
+@pytest.mark.parametrize("policy_args,match", [
+    (["--policy", "trim"], "this model has none"),
+    (["--policy", "avl", "--prefill-keep", "0.5", "--prefill-layer", "9"], r"prefill_layer=9 is out of range"),
+])
+def test_a_policy_that_cannot_run_on_the_model_stops_before_the_first_sample(checkpoint, tmp_path, capsys,
+                                                                             policy_args, match):
+    """Not every sample recorded as failed with exit 0 (issue 11, item 3)."""
+    data = write_tiny_jsonl("vqav2_val", tmp_path / "data", n=2)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(checkpoint), "--task", "vqav2_val", "--data", str(data), "--out", str(tmp_path / "out"),
+              "--no-progress", *policy_args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("avl eval: error: ") and re.search(match, lines[0])
+    assert not (tmp_path / "out" / "samples.jsonl").exists()
+
+
+def test_a_sweep_checks_every_policy_before_the_first_run(checkpoint, loaded, tmp_path):
+    data = write_tiny_jsonl("vqav2_val", tmp_path / "data", n=2)
+    policies = [Full(), AVL(prefill_keep=0.5, prefill_layer=9)]
+    with pytest.raises(ValueError, match="prefill_layer=9 is out of range"):
+        run_sweep(config(checkpoint, "vqav2_val", data, tmp_path / "sweep"), policies, tmp_path / "sweep",
+                  loaded=loaded, plot=False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_eval_debug_shows_the_traceback(checkpoint, tmp_path):
+    data = write_tiny_jsonl("vqav2_val", tmp_path / "data", n=2)
+    with pytest.raises(ValueError, match="this model has none"):
+        main(["--model", str(checkpoint), "--task", "vqav2_val", "--data", str(data), "--out", str(tmp_path / "out"),
+              "--no-progress", "--policy", "trim", "--debug"])

@@ -1,5 +1,5 @@
-"""Qwen-VL against the original remote code's float64 outputs (every folder under
-$QWEN_VL_REFERENCE_FIXTURES), the cache policies on it, and bad input.
+"""Qwen-VL against the original remote code's float64 outputs (tests/fixtures/qwen-vl-reference, plus
+the folders under $QWEN_VL_REFERENCE_FIXTURES), the cache policies on it, and bad input.
 
 Tolerances. The reference ran in float64 but keeps three float32 islands (RMSNorm statistics,
 rotary tables and rotation, position-table resizing). `strict_f64.*` is the same run with those
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,14 @@ from avl.models.qwen_vl import QwenVL, QwenVLConfig
 from avl.models.qwen_vit import sincos_2d
 from avl.processing.qwen_vl import QwenVLImageProcessor
 from avl.weights import KeyMap, load_checkpoint
-from tiny_llava import POLICIES
+from tiny_llava import POLICIES, QWEN_FIXTURES
 
-REPO = Path(__file__).resolve().parents[2]
-QWEN_FIXTURES = Path(os.environ.get("QWEN_VL_REFERENCE_FIXTURES",
-                                    REPO.parent / "shared" / "fixtures" / "qwen-vl-reference"))
 TIGHT, ISLANDS = 1e-10, 2e-5
 
 
 def fixture_folders() -> list[Path]:
-    """The folder itself if it is a fixture, else every sub-folder holding an expected.json."""
-    if (QWEN_FIXTURES / "expected.json").exists():
-        return [QWEN_FIXTURES]
-    if not QWEN_FIXTURES.is_dir():
-        return []
-    return sorted(p for p in QWEN_FIXTURES.iterdir() if (p / "expected.json").exists())
+    """tests/fixtures/qwen-vl-reference, plus the folders under $QWEN_VL_REFERENCE_FIXTURES."""
+    return QWEN_FIXTURES
 
 
 def variants(folder: Path) -> list[tuple[str, str, dict]]:
@@ -79,8 +71,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def test_fixture_folders_exist():
-    assert fixture_folders(), f"no Qwen-VL fixture folders at {QWEN_FIXTURES}"
+def test_the_bundled_fixture_is_found():
+    assert [f.name for f in fixture_folders()[:1]] == ["qwen-vl-reference"]
 
 
 @pytest.mark.parametrize("folder", fixture_folders(), ids=lambda p: p.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,9 @@ from avl.processing import ClipImageProcessor, load_image, to_rgb
 
 SIZES = [(37, 91), (500, 333), (1, 7), (7, 1), (336, 336), (200, 1000), (335, 337), (3, 2)]
 MODES = ["RGB", "RGBA", "L", "P", "LA"]
-EXOTIC_MODES = ["CMYK", "I;16", "I", "F", "1", "RGBa", "PA", "YCbCr"]
+# 8-bit content only: 16- and 32-bit integer images ("I;16", "I") are scaled to 8 bit on purpose,
+# where transformers clips them at 255 (see test_wide_integer_images_are_scaled_not_clipped)
+EXOTIC_MODES = ["CMYK", "F", "1", "RGBa", "PA", "YCbCr"]
 
 LLAVA_HF_PREPROCESSOR_CONFIG = {  # llava-hf/llava-1.5-7b-hf preprocessor_config.json
     "crop_size": {"height": 336, "width": 336},
@@ -193,7 +196,7 @@ def test_bad_configs(tmp_path):
 
 
 @pytest.mark.parametrize("mode,ext", [("RGB", "png"), ("RGBA", "png"), ("LA", "png"), ("L", "jpg"),
-                                      ("P", "png"), ("CMYK", "jpg"), ("I;16", "png"), ("RGB", "bmp")])
+                                      ("P", "png"), ("CMYK", "jpg"), ("RGB", "bmp")])
 def test_load_image_matches_transformers(tmp_path, mode, ext, make_image):
     from transformers.image_utils import load_image as hf_load_image
 
@@ -236,3 +239,60 @@ def test_resize_rounding_is_truncation():
     assert 336 * 500 / 333 == pytest.approx(504.5, abs=0.5) and math.floor(336 * 500 / 333) == 504
     out = p(Image.new("RGB", (500, 333)))
     assert out.shape == (1, 3, 336, 504)
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image))
+
+
+def _gray8(seed: int = 0) -> torch.Tensor:
+    """A 17x23 uint8 grayscale pattern covering 0 and 255."""
+    values = torch.randint(0, 256, (17, 23), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    values[0, 0], values[0, 1] = 0, 255
+    return values
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16bit_files_are_scaled_to_8bit_not_clipped(tmp_path, suffix):
+    from transformers.image_utils import load_image as hf_load_image
+
+    gray = _gray8()
+    wide = gray.to(torch.int32) * 257  # 8 bit widened to 16: x -> x * 257
+    path = tmp_path / f"gray16.{suffix}"
+    Image.fromarray(wide.numpy().astype("uint16")).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    ours = load_image(path)
+    assert ours.mode == "RGB"
+    assert torch.equal(_pixels(ours), gray[..., None].expand(-1, -1, 3))
+    # the documented difference: transformers' PIL path clips at 255, so every pixel above 0 is white
+    ref = _pixels(hf_load_image(str(path)))[..., 0]
+    assert torch.equal(ref, torch.where(gray > 0, 255, 0).to(torch.uint8))
+
+
+def test_wide_integer_images_are_scaled_not_clipped():
+    gray = _gray8(1)
+    as_l = Image.fromarray(gray.numpy(), mode="L")
+    wide16 = Image.fromarray((gray.to(torch.int32) * 257).numpy().astype("uint16"))
+    assert wide16.mode == "I;16"
+    processor = ClipImageProcessor(size=32, crop_size=16)
+    assert torch.equal(processor(wide16), processor(as_l))
+    # mode I holding 16-bit values (as some decoders give 16-bit data): the 16-bit scale
+    wide32 = Image.fromarray((gray.to(torch.int32) * 257).numpy())
+    assert wide32.mode == "I"
+    assert torch.equal(processor(wide32), processor(as_l))
+    # mode I beyond 16 bits: the 32-bit scale, round(v * 255 / (2**31 - 1)); negatives are 0
+    full32 = torch.tensor([[2**31 - 1, 2**30, -5, 70000]], dtype=torch.int32)
+    scaled = to_rgb(Image.fromarray(full32.numpy()))
+    assert _pixels(scaled)[0, :, 0].tolist() == [255, 128, 0, 0]
+
+
+def test_eval_data_scales_16bit_images(tmp_path):
+    import io
+
+    from avl.eval.data import ImageRef
+
+    gray = _gray8(2)
+    buffer = io.BytesIO()
+    Image.fromarray((gray.to(torch.int32) * 257).numpy().astype("uint16")).save(buffer, format="PNG")
+    image = ImageRef(buffer.getvalue(), None).open()
+    assert torch.equal(_pixels(image)[..., 1], gray)

@@ -212,3 +212,11 @@ def test_config_and_tokenizer_must_agree_on_the_image_id(tiny_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"visual": {"image_start_id": 300}}))
     with pytest.raises(ValueError, match=r"visual.image_start_id=300 but qwen.tiktoken puts <img> at id \d+"):
         QwenVLProcessor.from_dir(tmp_path)
+
+
+def test_decode_skips_ids_beyond_the_vocab(tok):
+    """Qwen-VL's embedding has 151936 rows for 151851 tokens: a generated id with no token is dropped."""
+    ids = tok.encode("hi there")
+    assert tok.decode([*ids[:1], tok.vocab_size, *ids[1:], tok.vocab_size + 80]) == "hi there"
+    with pytest.raises(ValueError, match=r"token ids \[-1\] are negative"):
+        tok.decode([-1, *ids])
