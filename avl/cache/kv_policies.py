@@ -25,6 +25,11 @@ def _check_keep(value: object) -> None:
         raise ValueError(f"keep={value!r} is out of range; allowed: a number in (0, 1], the share of prompt rows kept")
 
 
+def _every_row(valid: Tensor, kv_heads: int) -> Tensor:
+    """The mask of a policy that keeps everything: kvpress returns before scoring at ratio 0."""
+    return valid[:, None].expand(-1, kv_heads, -1).clone()
+
+
 def _check_int(name: str, value: object, minimum: int, odd: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (odd and value % 2 == 0):
         kind = "an odd integer" if odd else "an integer"
@@ -43,8 +48,8 @@ class PromptCompression(Policy):
     def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """Keep mask [B, Hkv, L] of prefill `layer`'s prompt rows, from its q [B, Hq, L, D] (rotary
         applied), k [B, Hkv, L, D], valid [B, L] (left padding) and attention scale."""
-        if self.keep == 1.0:  # kvpress: a compression ratio of 0 returns before scoring
-            return valid[:, None].expand(-1, k.shape[1], -1).clone()
+        if self.keep == 1.0:
+            return _every_row(valid, k.shape[1])
         return kept_mask(self.scores(q, k, valid, scale), self.keep, valid)
 
     def scores(self, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
@@ -83,7 +88,7 @@ class PyramidKV(SnapKV):
 
     def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         if self.keep == 1.0:
-            return valid[:, None].expand(-1, k.shape[1], -1).clone()
+            return _every_row(valid, k.shape[1])
         counts = [pyramidkv_budget(layer, num_layers, n, self.keep, self.window_size, self.beta) for n in lengths_of(valid)]
         return topk_mask(self.scores(q, k, valid, scale), counts, valid)
 
@@ -147,5 +152,5 @@ class AdaKV(Policy):
     def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """Keep mask [B, Hkv, L]; the count kept differs between heads."""
         if self.keep == 1.0:
-            return valid[:, None].expand(-1, k.shape[1], -1).clone()
+            return _every_row(valid, k.shape[1])
         return adakv_keep(self.scorer.scores(q, k, valid, scale), self.keep, self.alpha_safeguard, valid)
