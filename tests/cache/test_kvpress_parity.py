@@ -102,3 +102,58 @@ def test_a_left_padded_batch_keeps_what_each_prompt_keeps_alone(reference, name)
             n = ks[b].shape[2]
             assert not got[b, :, : width - n].any()
             assert torch.equal(got[b:b + 1, :, width - n:], tensors[f"keep/{name}/0.3/{prompt}/{layer}"])
+
+
+def avl_llama_layer_inputs(metadata, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tiny Llama of the fixture rebuilt here (same seed and draws as make_reference.py, with this
+    environment's transformers), loaded into avl's LlamaModel; each layer's q, k as avl's prefill
+    computes them (what the cache integration will hand to `prefill_keep`)."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+
+    from avl.models.layers import prefill_attention
+    from avl.models.llama import LlamaConfig, LlamaModel
+
+    raw = json.loads(metadata["model"])
+    hf_config = HFLlamaConfig(**{k: raw[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                      "num_hidden_layers", "num_attention_heads",
+                                                      "num_key_value_heads", "max_position_embeddings",
+                                                      "tie_word_embeddings")})
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_config).to(torch.float64)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model = LlamaModel(LlamaConfig.from_dict(hf_config.to_dict())).to(torch.float64)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    positions = torch.arange(ids.shape[1])[None]
+    out = []
+    with torch.no_grad():
+        h = model.embed_tokens(ids)
+        cos, sin = model.rotary(positions, h.dtype)
+        for layer in model.layers:
+            q, k, v = layer.self_attn.project(layer.input_layernorm(h), cos, sin)
+            out.append((q, k))
+            h = layer.finish(h, prefill_attention(q, k, v, valid, layer.self_attn.scale))
+    return out
+
+
+@pytest.fixture(scope="module")
+def avl_inputs(reference):
+    tensors, metadata = reference
+    return {prompt: avl_llama_layer_inputs(metadata, tensors[f"ids/{prompt}"]) for prompt in ("a", "b")}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in POLICIES if n != "observed"))  # observed ran under eager
+def test_avls_own_prefill_queries_and_keys_give_kvpress_decisions(reference, avl_inputs, name):
+    tensors, metadata = reference
+    for prompt, inputs in avl_inputs.items():
+        for layer, (q, k) in enumerate(inputs):
+            # transformers' Llama takes RMSNorm in float32 even in a float64 model (avl: float64), hence ~1e-6
+            torch.testing.assert_close(q, tensors[f"q/sdpa/{prompt}/{layer}"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(k, tensors[f"k/sdpa/{prompt}/{layer}"], rtol=0, atol=1e-4)
+            for ratio, keep in KEEP.items():
+                valid = torch.ones(1, k.shape[2], dtype=torch.bool)
+                got = POLICIES[name](keep).prefill_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
+                assert torch.equal(got, tensors[f"keep/{name}/{ratio}/{prompt}/{layer}"])
