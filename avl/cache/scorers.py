@@ -38,13 +38,19 @@ def n_kept(length: int, keep: float) -> int:
     return max(1, int(length * keep))
 
 
-def _per_sample(q_or_k: Tensor, valid: Tensor) -> list[tuple[int, int]]:
-    """(sample, first valid row) for each sample, checking valid against the tensor's batch and length."""
-    if valid.shape != (q_or_k.shape[0], q_or_k.shape[2]):
-        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [B, L] = "
-                         f"{[q_or_k.shape[0], q_or_k.shape[2]]} as the keys")
+def _per_sample(rows: Tensor, valid: Tensor) -> list[tuple[int, int]]:
+    """(sample, first valid row) of each sample of rows [B, H, L, ...] (keys or scores), checking
+    valid [B, L] against its batch and length."""
+    if valid.shape != (rows.shape[0], rows.shape[2]):
+        raise ValueError(f"valid has shape {tuple(valid.shape)}; allowed: [B, L] = {[rows.shape[0], rows.shape[2]]}")
     length = valid.shape[1]
     return [(b, length - n) for b, n in enumerate(lengths_of(valid))]
+
+
+def _check_qk(q: Tensor, k: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match; allowed: q [B, Hq, L, D], "
+                         "k [B, Hkv, L, D] with Hkv dividing Hq")
 
 
 def _padded(k: Tensor, dtype: torch.dtype) -> Tensor:
@@ -60,11 +66,15 @@ def snapkv_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float, window_size
     - mean over the window's queries, `avg_pool1d(kernel_size, padding=kernel_size // 2, stride 1)`
       (zero padding counted in the mean), then the mean over the query heads sharing a KV head;
     - the window rows get `max + 1` (the sample's maximum over all heads), so they are kept first.
+      When fewer rows are kept than the window holds (SnapKV's default window of 64 on a prompt
+      of under 128 rows at keep 0.5), every kept row is a window row, picked among these equal
+      scores by `torch.topk`'s tie order (the most recent ones on CPU in the parity fixture).
 
     kvpress scales the logits by `1 / sqrt(head_dim)`; avl uses the layer's own `scale`, the same
     number for every family avl runs (Llama, Mistral, Qwen). Raises when n <= window_size (kvpress
     asserts). `kernel_size` must be odd, else kvpress's pooled length does not fit its reshape.
     """
+    _check_qk(q, k)
     heads, kv_heads = q.shape[1], k.shape[1]
     groups = heads // kv_heads
     out = _padded(k, q.dtype)
@@ -130,6 +140,7 @@ def observed_attention_scores(q: Tensor, k: Tensor, valid: Tensor, scale: float)
 
     Memory: the full [Hq, n, n] probabilities of one sample at a time, as kvpress's eager path.
     """
+    _check_qk(q, k)
     heads, kv_heads = q.shape[1], k.shape[1]
     out = _padded(k, q.dtype)
     for b, start in _per_sample(k, valid):
@@ -160,7 +171,7 @@ def topk_mask(scores: Tensor, counts: list[int], valid: Tensor) -> Tensor:
     rows, chosen by `torch.topk` on that sample's [1, Hkv, n] scores exactly as kvpress calls it
     (so ties fall as they fall in kvpress)."""
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    for (b, start), count in zip(_per_sample(scores[..., None], valid), counts):
+    for (b, start), count in zip(_per_sample(scores, valid), counts):
         index = scores[b:b + 1, :, start:].topk(count, dim=-1).indices
         keep[b:b + 1, :, start:].scatter_(-1, index, True)
     return keep
@@ -184,7 +195,7 @@ def adakv_keep(scores: Tensor, keep: float, alpha_safeguard: float, valid: Tenso
     """
     out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     heads = scores.shape[1]
-    for b, start in _per_sample(scores[..., None], valid):
+    for b, start in _per_sample(scores, valid):
         s = scores[b:b + 1, :, start:].clone()
         n = s.shape[2]
         kept = n_kept(n, keep)

@@ -74,3 +74,11 @@ def test_adakv_keeps_the_scorers_total_with_per_head_counts_and_each_heads_safeg
     assert int(counts[0]) >= int(20 * 0.25)
     norms = k[0].norm(dim=-1)  # each head's own safeguarded rows are its lowest-norm ones
     assert keep[0, 0, norms[0].argsort()[:5]].all()
+
+
+def test_mismatched_queries_and_keys_are_named():
+    q, k, valid = inputs(length=80)
+    with pytest.raises(ValueError, match=r"q \(1, 4, 79, 8\) and k \(1, 2, 80, 8\) do not match"):
+        SnapKV(0.5).prefill_keep(0, 2, q[:, :, 1:], k, valid, 8 ** -0.5)
+    with pytest.raises(ValueError, match=r"valid has shape \(1, 79\); allowed: \[B, L\] = \[1, 80\]"):
+        KNorm(0.5).prefill_keep(0, 2, q, k, valid[:, 1:], 8 ** -0.5)
