@@ -6,7 +6,8 @@ evicts during decode (kvpress's behaviour). The cache calls one method, `prefill
 num_layers, q, k, valid, scale)`, which returns the keep mask [B, Hkv, L] over the prompt rows
 (False on left padding). `keep` is the share of prompt rows kept, kvpress's `1 - compression_ratio`.
 The rules themselves are the functions of `avl.cache.scorers`; a scorer policy's `scores` is what
-AdaKV ranks.
+AdaKV ranks. Until the cache calls `prefill_keep`, `check_layers` (which prefill calls first)
+refuses these policies rather than let a generation run silently uncompressed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def _check_keep(value: object) -> None:
 def _every_row(valid: Tensor, kv_heads: int) -> Tensor:
     """The mask of a policy that keeps everything: kvpress returns before scoring at ratio 0."""
     return valid[:, None].expand(-1, kv_heads, -1).clone()
+
+
+def _not_wired(policy: Policy) -> None:
+    raise NotImplementedError(
+        f"{type(policy).__name__}: the cache does not call prefill_keep yet, so generating with this policy would "
+        "silently keep the full cache; its selection rule is usable as a function (prefill_keep) until then")
 
 
 def _check_int(name: str, value: object, minimum: int, odd: bool = False) -> None:
@@ -55,6 +62,9 @@ class PromptCompression(Policy):
     def scores(self, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """The rows' scores [B, Hkv, L] (higher = kept; -inf on padding)."""
         raise NotImplementedError
+
+    def check_layers(self, num_layers: int) -> None:
+        _not_wired(self)
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,9 @@ class AdaKV(Policy):
     @property
     def keep(self) -> float:
         return self.scorer.keep
+
+    def check_layers(self, num_layers: int) -> None:
+        _not_wired(self)
 
     def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """Keep mask [B, Hkv, L]; the count kept differs between heads."""

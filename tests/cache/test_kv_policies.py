@@ -82,3 +82,9 @@ def test_mismatched_queries_and_keys_are_named():
         SnapKV(0.5).prefill_keep(0, 2, q[:, :, 1:], k, valid, 8 ** -0.5)
     with pytest.raises(ValueError, match=r"valid has shape \(1, 79\); allowed: \[B, L\] = \[1, 80\]"):
         KNorm(0.5).prefill_keep(0, 2, q, k, valid[:, 1:], 8 ** -0.5)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(), AdaKV(), KNorm()], ids=repr)
+def test_prefill_refuses_them_until_the_cache_calls_prefill_keep(policy):
+    with pytest.raises(NotImplementedError, match="does not call prefill_keep yet"):
+        policy.check_layers(32)
