@@ -99,7 +99,8 @@ class PyramidKV(SnapKV):
     def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         if self.keep == 1.0:
             return _every_row(valid, k.shape[1])
-        counts = [pyramidkv_budget(layer, num_layers, n, self.keep, self.window_size, self.beta) for n in lengths_of(valid)]
+        counts = [pyramidkv_budget(layer, num_layers, n, self.keep, self.window_size, self.beta)
+                  for n in lengths_of(valid)]
         return topk_mask(self.scores(q, k, valid, scale), counts, valid)
 
 

@@ -48,7 +48,8 @@ def _per_sample(rows: Tensor, valid: Tensor) -> list[tuple[int, int]]:
 
 
 def _check_qk(q: Tensor, k: Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or q.shape[1] % k.shape[1]:
+    if (q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]
+            or q.shape[1] % k.shape[1]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match; allowed: q [B, Hq, L, D], "
                          "k [B, Hkv, L, D] with Hkv dividing Hq")
 

@@ -42,7 +42,8 @@ class PyramidDrop(Policy):
         if (not isinstance(layers, tuple) or not layers
                 or any(isinstance(x, bool) or not isinstance(x, int) for x in layers)
                 or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:]))):
-            raise ValueError(f"layers={layers!r} is out of range; allowed: a non-empty tuple of increasing integers >= 1")
+            raise ValueError(f"layers={layers!r} is out of range; "
+                             "allowed: a non-empty tuple of increasing integers >= 1")
         keep = self.keep
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
             raise ValueError(f"keep={keep!r} is out of range; allowed: a number in (0, 1]")

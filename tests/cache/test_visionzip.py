@@ -38,7 +38,8 @@ def release_visionzip(hidden, attn_weights, metric, dominant_num, contextual_num
     mask = torch.ones_like(hidden[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
     dominant_tokens = hidden.masked_select(~mask.unsqueeze(-1)).view(hidden.shape[0], dominant_num + 1, hidden.shape[2])
     metric_filtered = metric[mask].view(hidden.shape[0], hidden.shape[1] - (dominant_num + 1), metric.shape[2])
-    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(hidden.shape[0], hidden.shape[1] - (dominant_num + 1), hidden.shape[2])
+    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(hidden.shape[0], hidden.shape[1] - (dominant_num + 1),
+                                                                    hidden.shape[2])
     metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
     step = max(1, metric_normalized.shape[1] // contextual_num)
     target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
