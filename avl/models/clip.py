@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avl.models.config import config_fields, require
+from avl.models.layers import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,15 @@ def quick_gelu(x: Tensor) -> Tensor:
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
+@dataclass(frozen=True)
+class ClsAttention:
+    """What selecting tokens by the [CLS] attention of one encoder layer needs (VisionZip), taken
+    from that layer's own attention as it runs."""
+
+    probs: Tensor  # [N, H, 1 + P] attention of the [CLS] query over every token (CLS first), >= float32
+    keys: Tensor  # [N, H, 1 + P, D] the layer's keys (k_proj of its normed input, bias included)
+
+
 class ClipAttention(nn.Module):
     def __init__(self, cfg: ClipVisionConfig) -> None:
         super().__init__()
@@ -58,11 +68,18 @@ class ClipAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
+        """Self-attention of x [N, T, C]; with `cls_attention`, also the [CLS] row's probabilities
+        (one extra row of logits, softmax in at least float32) and the keys."""
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        if not cls_attention:
+            return out
+        dtype = compute_dtype(q.dtype)
+        logits = torch.matmul(q[:, :, :1].to(dtype), k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return out, ClsAttention(torch.softmax(logits, dim=-1)[:, :, 0], k)
 
 
 class ClipMLP(nn.Module):
@@ -84,9 +101,12 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = ClipMLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: Tensor, cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
+        attn = self.self_attn(self.layer_norm1(x), cls_attention)
+        attn, cls = attn if cls_attention else (attn, None)
+        x = x + attn
+        x = x + self.mlp(self.layer_norm2(x))
+        return (x, cls) if cls_attention else x
 
 
 class ClipEmbeddings(nn.Module):
@@ -108,7 +128,9 @@ class ClipVisionTower(nn.Module):
     Hidden state 0 is the embedding output (after `pre_layrnorm`), hidden state i the output
     of encoder layer i; negative indices count from the end, as in transformers' `hidden_states`.
     Layers after the requested one are not run. `post_layernorm` is kept for checkpoint
-    compatibility; LLaVA never applies it.
+    compatibility; LLaVA never applies it. With `cls_attention=True` it also returns the
+    `ClsAttention` of the encoder layer whose output is returned (VisionZip's layer -2), computed
+    in that same pass.
     """
 
     def __init__(self, cfg: ClipVisionConfig) -> None:
@@ -133,10 +155,14 @@ class ClipVisionTower(nn.Module):
                              f"{', '.join(map(str, expected))}] (vision_config: num_channels={cfg.num_channels}, "
                              f"image_size={cfg.image_size}): preprocess with the checkpoint's image processor")
 
-    def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
+    def forward(self, pixel_values: Tensor, layer: int = -1,
+                cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
         self.check_pixels(pixel_values)
         stop = self.hidden_state_index(layer)
+        if cls_attention:
+            require(stop > 0, "layer", layer, "an encoder layer's output (not the embeddings) with cls_attention")
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        for block in self.encoder["layers"][:stop]:
+        blocks = self.encoder["layers"][:stop]
+        for block in blocks[:-1] if cls_attention else blocks:
             x = block(x)
-        return x
+        return blocks[-1](x, cls_attention=True) if cls_attention else x
