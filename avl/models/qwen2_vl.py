@@ -300,9 +300,18 @@ class Qwen2VL(nn.Module):
         return embeds
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                image_grid_thw: Tensor | None = None) -> Tensor:
-        """Dense prompt forward (no cache): logits [B, L, V] of every position (left padding allowed)."""
+                image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None) -> Tensor:
+        """Dense prompt forward (no cache): logits [B, L, V] of every position (left padding allowed).
+
+        Takes the processor's outputs as they are; `mm_token_type_ids` (1 on image tokens), if
+        given, must mark exactly the `<|image_pad|>` tokens (images are found by their id).
+        """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mm_token_type_ids is not None:
+            expected = (input_ids == self.config.image_token_id) & valid
+            if mm_token_type_ids.shape != input_ids.shape or not torch.equal(mm_token_type_ids.bool(), expected):
+                raise ValueError(f"mm_token_type_ids does not mark exactly the image tokens (id "
+                                 f"{self.config.image_token_id}) of input_ids; videos are not supported")
         positions, _ = self.rope_index(input_ids, image_grid_thw, valid)
         return self.language_model(self.embed(input_ids, pixel_values, image_grid_thw), positions, valid)
 

@@ -199,3 +199,32 @@ def test_image_token_count_must_match_the_grid(checkpoint):
     ids, mask, pixels, grid = batch(CASES["one_image"])
     with pytest.raises(ValueError, match="image tokens"):
         model(ids[:, 1:], mask[:, 1:], pixels, grid[:, :] * torch.tensor([1, 2, 1]))
+
+
+@torch.inference_mode()
+def test_processor_outputs_feed_the_model_as_transformers(checkpoint, tmp_path):
+    """End to end: `Qwen2VLProcessor` on real-size images and chat prompts -> the model, taking every
+    processor output under its name, against transformers' model on the same inputs."""
+    from PIL import Image
+
+    from avl.processing.qwen2_vl import Qwen2VLProcessor
+    from tiny_qwen2_vl import CHAT_TEMPLATE, build_qwen2_tokenizer
+
+    _, hf, model = checkpoint
+    build_qwen2_tokenizer(tmp_path)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 100_000}))
+    processor = Qwen2VLProcessor.from_dir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for h, w in ((120, 200), (300, 90))]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                            {"type": "text", "text": text}]}])
+               for text in ("Describe this image.", "How many dogs?")]
+    inputs = processor(prompts, images)
+    ref = hf(**{k: v.to(torch.float64) if v.is_floating_point() else v for k, v in inputs.items()}).logits
+    logits = model.set_reference_casts()(**inputs)
+    model.set_reference_casts(False)
+    assert (logits - ref)[inputs["attention_mask"].bool()].abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        model(**(inputs | {"mm_token_type_ids": torch.zeros_like(inputs["input_ids"])}))
