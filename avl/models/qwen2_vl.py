@@ -284,6 +284,9 @@ class Qwen2VL(nn.Module):
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
         """Token embeddings [B, L, C] with the image features written over the `<|image_pad|>` tokens."""
+        if bool((input_ids == self.config.video_token_id).any()):
+            raise ValueError(f"the prompts hold video tokens (id {self.config.video_token_id}); videos are not "
+                             f"supported, only images")
         image_mask = input_ids == self.config.image_token_id
         embeds = self.language_model.embed_tokens(input_ids)
         if (pixel_values is None) != (image_grid_thw is None):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import avl
 from avl.models.qwen2_vl import Qwen2VLConfig, mrope_cos_sin, rope_index
-from tiny_qwen2_vl import IMAGE_ID, build_hf, image_prompt, left_pad, random_pixels, text_config
+from tiny_qwen2_vl import IMAGE_ID, VIDEO_ID, build_hf, image_prompt, left_pad, random_pixels, text_config
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -199,6 +199,8 @@ def test_image_token_count_must_match_the_grid(checkpoint):
     ids, mask, pixels, grid = batch(CASES["one_image"])
     with pytest.raises(ValueError, match="image tokens"):
         model(ids[:, 1:], mask[:, 1:], pixels, grid[:, :] * torch.tensor([1, 2, 1]))
+    with pytest.raises(ValueError, match="video tokens"):
+        model(ids.masked_fill(ids == IMAGE_ID, VIDEO_ID), mask)
 
 
 @torch.inference_mode()
