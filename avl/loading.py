@@ -11,6 +11,7 @@ from avl.inputs import check_device
 from avl.models.llava import Llava, LlavaConfig
 from avl.models.llava_next import LlavaNext, LlavaNextConfig
 from avl.models.mllama import Mllama, MllamaConfig
+from avl.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from avl.models.qwen_vl import QwenVL, QwenVLConfig
 from avl.weights import KeyMap, load_checkpoint, read_config, resolve_checkpoint
 
@@ -22,6 +23,8 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llava_next": (LlavaNextConfig, LlavaNext),
     "mllama": (MllamaConfig, Mllama),
     "qwen": (QwenVLConfig, QwenVL),
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VL),
+    "qwen2_5_vl": (Qwen2VLConfig, Qwen2VL),
 }
 
 

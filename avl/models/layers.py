@@ -13,7 +13,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Llama), statistics in at least float32."""
+    """Root-mean-square norm (Llama), statistics in at least float32.
+
+    `island_dtype` pins the statistics dtype (float32 in a float64 model reproduces a reference
+    implementation's `x.float()` for parity tests); None: at least float32, float64 stays float64.
+    """
+
+    island_dtype: torch.dtype | None = None
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -21,7 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.to(compute_dtype(x.dtype))
+        h = x.to(self.island_dtype or compute_dtype(x.dtype))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

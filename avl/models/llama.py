@@ -29,6 +29,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
     attention_bias: bool = False
+    o_proj_bias: bool | None = None  # None: as attention_bias (Llama); Qwen2 has q/k/v biases only
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = None
@@ -61,7 +62,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        o_bias = cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=o_bias)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, C] -> rotated q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]."""

@@ -107,16 +107,6 @@ class QwenVLConfig:
         return self.visual.n_queries
 
 
-class QwenRMSNorm(RMSNorm):
-    """`RMSNorm` whose statistics dtype can be pinned (`island_dtype`), e.g. float32 in a float64
-    model as the original's `x.float()`; None: at least float32, float64 stays float64."""
-
-    island_dtype: torch.dtype | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.to(self.island_dtype or compute_dtype(x.dtype))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rotate(x: Tensor, cos_sin: Tensor) -> Tensor:
@@ -158,9 +148,9 @@ class QwenAttention(nn.Module):
 class QwenBlock(nn.Module):
     def __init__(self, cfg: QwenVLConfig) -> None:
         super().__init__()
-        self.input_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)  # ln_1
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)  # ln_1
         self.self_attn = QwenAttention(cfg)
-        self.post_attention_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)  # ln_2
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)  # ln_2
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size // 2, bias=not cfg.no_bias)  # w2 gates w1
 
     def finish(self, h: Tensor, attn_out: Tensor) -> Tensor:
@@ -178,7 +168,7 @@ class QwenLM(CachedDecoder):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(QwenBlock(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = QwenRMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # dtype of the rotary tables and rotation; None: at least float32 (float64 stays float64).
         self.island_dtype: torch.dtype | None = None

@@ -1,5 +1,5 @@
 """Per-family input processing: images, tokenizers, chat templates (LLaVA-1.5, LLaVA-NeXT, Qwen-VL,
-Llama-3.2-Vision)."""
+Qwen2-VL / Qwen2.5-VL, Llama-3.2-Vision)."""
 
 from avl.processing.anyres import LlavaNextImageProcessor
 from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
@@ -7,6 +7,7 @@ from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImagePro
 from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
 from avl.processing.mllama import MllamaImageProcessor, MllamaProcessor, mllama_chat_prompt, mllama_prompt
+from avl.processing.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor
 from avl.processing.qwen_vl import (
     QwenTokenizer,
     QwenVLImageProcessor,
@@ -27,6 +28,8 @@ __all__ = [
     "LlavaProcessor",
     "MllamaImageProcessor",
     "MllamaProcessor",
+    "Qwen2VLImageProcessor",
+    "Qwen2VLProcessor",
     "QwenTokenizer",
     "QwenVLImageProcessor",
     "QwenVLProcessor",
