@@ -1,4 +1,8 @@
-"""CLIP vision tower (ViT-L/14 in LLaVA), returning the hidden states of one chosen layer."""
+"""CLIP vision tower (ViT-L/14 in LLaVA), returning the hidden states of one chosen layer.
+
+The encoder block (`ClipEncoderLayer`: pre-norm attention and MLP, the hub's names) is shared with
+SigLIP (`avl.models.siglip`), whose config has the same fields.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avl.models.config import config_fields, require
+from avl.models.layers import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,20 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh", SigLIP's activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def hidden_state_index(layer: int, num_layers: int) -> int:
+    """A `vision_feature_layer` (negative counts from the end, as transformers' `hidden_states`)
+    as a hidden-state index in [0, num_layers]: 0 is the embedding output, i the output of layer i."""
+    n = num_layers + 1
+    require(isinstance(layer, int) and -n <= layer < n, "vision_feature_layer", layer, f"an int in [{-n}, {n - 1}]")
+    return layer % n
 
 
 class ClipAttention(nn.Module):
@@ -58,11 +76,22 @@ class ClipAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [B, N, C] -> (output [B, N, C], attention probabilities [B, H, N, N] if `return_probs` else None).
+
+        Without `return_probs` the fused SDPA kernel runs; with it the softmax is materialised,
+        in at least float32 (`compute_dtype`), and the output is computed from those probabilities.
+        """
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        if not return_probs:
+            out, probs = F.scaled_dot_product_attention(q, k, v), None  # [B, H, N, D]
+        else:
+            dtype = compute_dtype(q.dtype)
+            scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) * q.shape[-1] ** -0.5
+            probs = scores.softmax(dim=-1)  # [B, H, N, N]
+            out = (probs @ v.to(dtype)).to(v.dtype)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1)), probs
 
 
 class ClipMLP(nn.Module):
@@ -84,9 +113,11 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = ClipMLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [B, N, C] -> (x [B, N, C], this layer's attention probabilities [B, H, N, N] or None)."""
+        attn, probs = self.self_attn(self.layer_norm1(x), return_probs)
+        x = x + attn
+        return x + self.mlp(self.layer_norm2(x)), probs
 
 
 class ClipEmbeddings(nn.Module):
@@ -119,14 +150,9 @@ class ClipVisionTower(nn.Module):
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def hidden_state_index(self, layer: int) -> int:
-        n = self.config.num_hidden_layers + 1
-        require(-n <= layer < n, "vision_feature_layer", layer, f"[{-n}, {n - 1}]")
-        return layer % n
-
     def forward(self, pixel_values: Tensor, layer: int = -1) -> Tensor:
-        stop = self.hidden_state_index(layer)
+        stop = hidden_state_index(layer, self.config.num_hidden_layers)
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         for block in self.encoder["layers"][:stop]:
-            x = block(x)
+            x, _ = block(x)
         return x
