@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from avl.models.clip import ClipEncoderLayer, ClipVisionConfig, hidden_state_index
+from avl.models.clip import ACTIVATIONS, ClipEncoderLayer, ClipVisionConfig, hidden_state_index
 from avl.models.config import require
 
 
@@ -24,7 +24,9 @@ class SiglipVisionConfig(ClipVisionConfig):
     """The hub's `vision_config` of a SigLIP vision model (model_type "siglip_vision_model").
 
     The fields are CLIP's, with SigLIP's defaults (transformers' `SiglipVisionConfig`);
-    `vision_use_head` is read for completeness, the head is never built.
+    `vision_use_head` is read for completeness, the head is never built. Unlike CLIP's, the image
+    size need not be a multiple of the patch size: so400m/14 reads 384 px images as 27 x 27 patches
+    (the convolution drops the last 384 - 27 * 14 = 6 pixel rows and columns).
     """
 
     hidden_size: int = 768
@@ -37,6 +39,18 @@ class SiglipVisionConfig(ClipVisionConfig):
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     vision_use_head: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.hidden_size % self.num_attention_heads == 0, "vision_config.hidden_size",
+                self.hidden_size, f"a multiple of num_attention_heads={self.num_attention_heads}")
+        require(1 <= self.patch_size <= self.image_size, "vision_config.patch_size", self.patch_size,
+                f"an int in [1, image_size={self.image_size}]")
+        require(self.hidden_act in ACTIVATIONS, "vision_config.hidden_act", self.hidden_act, sorted(ACTIVATIONS))
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patches along each side of an image (the convolution's output size)."""
+        return self.image_size // self.patch_size
 
 
 class SiglipOutput(NamedTuple):
