@@ -22,6 +22,8 @@ from tiny_llava import IMAGE_TOKEN, PAD_TOKEN, left_pad, prompt_ids
 TILE = 26
 PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 5) for c in range(1, 5)]
 MAX_TILES = 17  # 1 base + a 4 x 4 grid
+# float64 against float64 (measured: features 4e-15, logits 1e-14); the issue asks for 1e-6, this is far inside it
+TOL64 = 1e-10
 # (height, width): square small / large (4 x 4 grid, downsampled), wide, tall, very wide, very tall
 SIZES = [(30, 30), (100, 100), (40, 110), (120, 35), (80, 300), (300, 20)]
 
@@ -126,7 +128,7 @@ def test_image_features_equal_transformers(pair):
     assert [f.shape[0] for f in ours] == [f.shape[0] for f in ref] == [model.num_image_tokens(s) for s in SIZES]
     assert model.num_image_tokens((100, 100)) == 16 + 12 * 13  # 16 x 16 map downsampled to 12 x 12
     for a, b in zip(ours, ref):
-        assert (a - b).abs().max() <= 1e-6
+        assert (a - b).abs().max() <= TOL64
 
 
 def test_multi_image_prompt_features_equal_transformers(pair):
@@ -140,7 +142,7 @@ def test_multi_image_prompt_features_equal_transformers(pair):
         ours = model.packed_image_features(pixel_values, sizes, torch.tensor([2, 1]))
     assert [f.shape[0] for f in ours] == [f.shape[0] for f in ref] == [17, 17, 16 + 12 * 13]
     for a, b in zip(ours, ref):
-        assert (a - b).abs().max() <= 1e-6
+        assert (a - b).abs().max() <= TOL64
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["small", "large", "wide", "tall", "very-wide", "very-tall"])
@@ -153,12 +155,12 @@ def test_float64_logits_equal_transformers(pair, size):
     with torch.no_grad():
         out = model(ids, mask, pixel_values, image_sizes)
     assert out.dtype == torch.float64 and out.shape == ref.shape
-    assert (out - ref).abs().max() <= 1e-6
+    assert (out - ref).abs().max() <= TOL64
     assert ref.std() > 0.5  # logits that differ clearly between tokens
 
 
 def test_float64_logits_equal_transformers_as_shipped(pair):
-    """With transformers' own float32 RMSNorm statistics the float64 logits differ by ~1e-6 (measured 1.4e-6)."""
+    """With transformers' own float32 RMSNorm statistics the float64 logits differ by ~1e-6 (measured 1.4e-6 and 1.8e-6)."""
     _, _, hf, model = pair
     size = (100, 100)
     ids = torch.tensor([prompt_ids(3, 7, model.num_image_tokens(size), seed=1)])
@@ -182,7 +184,7 @@ def test_left_padded_batch_of_different_image_sizes_equals_transformers(pair):
     with torch.no_grad():
         out = model(ids, mask, pixel_values, image_sizes)
     valid = mask.bool()
-    assert (out[valid] - ref[valid]).abs().max() <= 1e-6
+    assert (out[valid] - ref[valid]).abs().max() <= TOL64
 
 
 def test_multi_image_prompt_and_text_only_sample_equal_transformers(pair):
@@ -197,7 +199,7 @@ def test_multi_image_prompt_and_text_only_sample_equal_transformers(pair):
     with torch.no_grad():
         out = model(ids, mask, pixel_values, image_sizes, torch.tensor([2]))
     valid = mask.bool()
-    assert (out[valid] - ref[valid]).abs().max() <= 1e-6
+    assert (out[valid] - ref[valid]).abs().max() <= TOL64
 
 
 def test_float32_logits_match_transformers(pair):
