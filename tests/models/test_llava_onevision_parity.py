@@ -37,28 +37,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_hf_config(variant: str):
+def tiny_hf_config(variant: str, vocab_size: int = 320, image_token: int = IMAGE_TOKEN, pad_token: int = PAD_TOKEN):
     from transformers import LlavaOnevisionConfig as HFConfig
     from transformers import Qwen2Config, SiglipVisionConfig
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                 image_size=TILE, patch_size=6, vision_use_head=False)
     tied = variant == "tied"
-    text = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    text = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2 if tied else 4, max_position_embeddings=1024,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6 if tied else 10000.0},
                        tie_word_embeddings=tied)
     return HFConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
-                    image_token_index=IMAGE_TOKEN, video_token_index=302, pad_token_id=PAD_TOKEN,
+                    image_token_index=image_token, video_token_index=302, pad_token_id=pad_token,
                     tie_word_embeddings=tied)
 
 
-def save_hf_onevision(directory, variant: str, seed: int = 0):
+def save_hf_onevision(directory, variant: str, seed: int = 0, **config):
     """Random-init a transformers LlavaOnevisionForConditionalGeneration in float64, save it, return it (eval)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(tiny_hf_config(variant)).to(torch.float64).eval()
+    model = LlavaOnevisionForConditionalGeneration(tiny_hf_config(variant, **config)).to(torch.float64).eval()
     with torch.no_grad():  # widen transformers' tiny init so that features and logits differ clearly
         for p in model.parameters():
             if p.dim() > 1:
@@ -302,3 +302,38 @@ def test_config_rejects_what_it_cannot_run(pair):
     assert (defaults.vision.image_size, defaults.vision.patch_size, defaults.vision.patches_per_side) == (384, 14, 27)
     assert defaults.image_grid_pinpoints[:2] == ((384, 384), (384, 768)) and len(defaults.image_grid_pinpoints) == 36
     assert (defaults.image_token_index, defaults.text.vocab_size) == (151646, 151936)
+
+
+def noise_image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def test_processor_outputs_give_transformers_logits(tmp_path):
+    """End to end: a checkpoint directory (transformers' weights, a tiny Qwen2 tokenizer, hub-style processing
+    configs) -> LlavaOnevisionProcessor.from_dir -> `model(**inputs)`, against transformers' model on the same
+    inputs; a one-image prompt and a two-image prompt (batch_num_images [1, 2]), left-padded."""
+    from avl.processing import LlavaOnevisionProcessor, build_tiny_qwen2_tokenizer
+    from avl.processing.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(build_tiny_qwen2_tokenizer(tmp_path))
+    hf = save_hf_onevision(tmp_path, "tied", vocab_size=512, image_token=tokenizer.token_to_id("<image>"),
+                           pad_token=tokenizer.pad_token_id)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": TILE, "width": TILE},
+        "image_grid_pinpoints": PINPOINTS, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "num_image_tokens": 16, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}))
+    processor, model = LlavaOnevisionProcessor.from_dir(tmp_path), avl.load(tmp_path)
+    prompts = [processor.prompt("What is in this wide picture?"), processor.prompt("Compare them.", n_images=2)]
+    images = [[noise_image(300, 80, 0)], [noise_image(60, 90, 1), noise_image(120, 110, 2)]]
+    inputs = processor(prompts, images)
+    assert inputs["batch_num_images"].tolist() == [1, 2] and inputs["pixel_values"].dtype == torch.float32
+    ref = hf_logits(hf, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_sizes"],
+                    inputs["batch_num_images"])
+    with torch.no_grad():
+        out = model(**inputs)
+    valid = inputs["attention_mask"].bool()
+    assert (out[valid] - ref[valid]).abs().max() <= TOL64
