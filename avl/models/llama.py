@@ -52,9 +52,11 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
         fields = config_fields(cls, raw)
-        theta = (raw.get("rope_parameters") or {}).get("rope_theta")  # transformers >= 5 nests it here
-        if theta is not None and "rope_theta" not in fields:
-            fields["rope_theta"] = theta
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta and rope_type here
+        if rope.get("rope_theta") is not None and "rope_theta" not in fields:
+            fields["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and "rope_scaling" not in fields:
+            fields["rope_scaling"] = rope  # rejected by __post_init__ like an old-style rope_scaling
         return cls(**fields)
 
 

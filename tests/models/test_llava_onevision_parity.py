@@ -298,6 +298,9 @@ def test_config_rejects_what_it_cannot_run(pair):
         LlavaOnevisionConfig.from_dict({**raw, "vision_feature_layer": [-2, -1]})
     with pytest.raises(ValueError, match=r"text_config.use_sliding_window=True is not supported"):
         LlavaOnevisionConfig.from_dict({**raw, "text_config": {**raw["text_config"], "use_sliding_window": True}})
+    yarn = {**raw["text_config"], "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}
+    with pytest.raises(ValueError, match=r"text_config.rope_scaling=\{'rope_type': 'yarn'.* is not supported"):
+        LlavaOnevisionConfig.from_dict({**raw, "text_config": yarn})
     defaults = LlavaOnevisionConfig.from_dict({"model_type": "llava_onevision"})
     assert (defaults.vision.image_size, defaults.vision.patch_size, defaults.vision.patches_per_side) == (384, 14, 27)
     assert defaults.image_grid_pinpoints[:2] == ((384, 384), (384, 768)) and len(defaults.image_grid_pinpoints) == 36
