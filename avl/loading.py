@@ -10,6 +10,7 @@ from torch import nn
 from avl.inputs import check_device
 from avl.models.llava import Llava, LlavaConfig
 from avl.models.llava_next import LlavaNext, LlavaNextConfig
+from avl.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig
 from avl.models.mllama import Mllama, MllamaConfig
 from avl.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from avl.models.qwen_vl import QwenVL, QwenVLConfig
@@ -21,6 +22,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llava": (LlavaConfig, Llava),
     "llava_next": (LlavaNextConfig, LlavaNext),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevision),
     "mllama": (MllamaConfig, Mllama),
     "qwen": (QwenVLConfig, QwenVL),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VL),
@@ -60,5 +62,7 @@ def load(
     config = config_cls.from_dict(raw)
     with torch.device("meta"):
         model = model_cls(config)
-    load_checkpoint(model, directory, KeyMap(model_cls.key_map), dtype=dtype, device=device, tied=model.tied_weights)
+    # a family's key_map is its rename rules, or a whole KeyMap when it also drops tensors
+    key_map = model_cls.key_map if isinstance(model_cls.key_map, KeyMap) else KeyMap(model_cls.key_map)
+    load_checkpoint(model, directory, key_map, dtype=dtype, device=device, tied=model.tied_weights)
     return model.eval()

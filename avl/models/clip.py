@@ -1,4 +1,8 @@
-"""CLIP vision tower (ViT-L/14 in LLaVA), returning the hidden states of one chosen layer."""
+"""CLIP vision tower (ViT-L/14 in LLaVA), returning the hidden states of one chosen layer.
+
+The encoder block (`ClipEncoderLayer`: pre-norm attention and MLP, the hub's names) is shared with
+SigLIP (`avl.models.siglip`), whose config has the same fields.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +51,20 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh", SigLIP's activation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def hidden_state_index(layer: int, num_layers: int) -> int:
+    """A `vision_feature_layer` (negative counts from the end, as transformers' `hidden_states`)
+    as a hidden-state index in [0, num_layers]: 0 is the embedding output, i the output of layer i."""
+    n = num_layers + 1
+    require(isinstance(layer, int) and -n <= layer < n, "vision_feature_layer", layer, f"an int in [{-n}, {n - 1}]")
+    return layer % n
 
 
 @dataclass(frozen=True)
@@ -68,18 +85,22 @@ class ClipAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor, cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
-        """Self-attention of x [N, T, C]; with `cls_attention`, also the [CLS] row's probabilities
-        (one extra row of logits, softmax in at least float32) and the keys."""
+    def forward(self, x: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [B, N, C] -> (output [B, N, C], attention probabilities [B, H, N, N] if `return_probs` else None).
+
+        Without `return_probs` the fused SDPA kernel runs; with it the softmax is materialised,
+        in at least float32 (`compute_dtype`), and the output is computed from those probabilities.
+        """
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, D]
-        out = self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-        if not cls_attention:
-            return out
-        dtype = compute_dtype(q.dtype)
-        logits = torch.matmul(q[:, :, :1].to(dtype), k.to(dtype).transpose(-1, -2)) * q.shape[-1] ** -0.5
-        return out, ClsAttention(torch.softmax(logits, dim=-1)[:, :, 0], k)
+        if not return_probs:
+            out, probs = F.scaled_dot_product_attention(q, k, v), None  # [B, H, N, D]
+        else:
+            dtype = compute_dtype(q.dtype)
+            scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) * q.shape[-1] ** -0.5
+            probs = scores.softmax(dim=-1)  # [B, H, N, N]
+            out = (probs @ v.to(dtype)).to(v.dtype)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1)), probs
 
 
 class ClipMLP(nn.Module):
@@ -101,12 +122,11 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = ClipMLP(cfg)
 
-    def forward(self, x: Tensor, cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
-        attn = self.self_attn(self.layer_norm1(x), cls_attention)
-        attn, cls = attn if cls_attention else (attn, None)
+    def forward(self, x: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [B, N, C] -> (x [B, N, C], this layer's attention probabilities [B, H, N, N] or None)."""
+        attn, probs = self.self_attn(self.layer_norm1(x), return_probs)
         x = x + attn
-        x = x + self.mlp(self.layer_norm2(x))
-        return (x, cls) if cls_attention else x
+        return x + self.mlp(self.layer_norm2(x)), probs
 
 
 class ClipEmbeddings(nn.Module):
@@ -141,11 +161,6 @@ class ClipVisionTower(nn.Module):
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def hidden_state_index(self, layer: int) -> int:
-        n = self.config.num_hidden_layers + 1
-        require(-n <= layer < n, "vision_feature_layer", layer, f"[{-n}, {n - 1}]")
-        return layer % n
-
     def check_pixels(self, pixel_values: Tensor) -> None:
         """Raise ValueError unless pixel_values is [images, num_channels, image_size, image_size]."""
         cfg = self.config
@@ -157,12 +172,21 @@ class ClipVisionTower(nn.Module):
 
     def forward(self, pixel_values: Tensor, layer: int = -1,
                 cls_attention: bool = False) -> Tensor | tuple[Tensor, ClsAttention]:
+        """pixel_values [N, 3, S, S] -> hidden states [N, 1 + P, C] of `layer`; with `cls_attention`,
+        also that layer's [CLS] attention row and keys, from the same pass (VisionZip)."""
         self.check_pixels(pixel_values)
-        stop = self.hidden_state_index(layer)
+        stop = hidden_state_index(layer, self.config.num_hidden_layers)
         if cls_attention:
             require(stop > 0, "layer", layer, "an encoder layer's output (not the embeddings) with cls_attention")
         x = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         blocks = self.encoder["layers"][:stop]
         for block in blocks[:-1] if cls_attention else blocks:
-            x = block(x)
-        return blocks[-1](x, cls_attention=True) if cls_attention else x
+            x, _ = block(x)
+        if not cls_attention:
+            return x
+        last = blocks[-1]
+        attn = last.self_attn
+        normed = last.layer_norm1(x)
+        keys = attn.k_proj(normed).view(x.shape[0], x.shape[1], attn.heads, -1).transpose(1, 2)
+        x, probs = last(x, return_probs=True)
+        return x, ClsAttention(probs[:, :, 0], keys)

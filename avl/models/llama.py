@@ -15,7 +15,11 @@ from avl.models.layers import GatedMLP, RMSNorm, apply_rotary, rotary_cos_sin
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """The hub's `text_config` of a Llama / Vicuna / Mistral model (GQA and rope_theta are switches)."""
+    """The hub's `text_config` of a Llama / Vicuna / Mistral model (GQA and rope_theta are switches).
+
+    attention_bias: biases on q, k, v and o (Llama's flag). qkv_bias: biases on q, k, v only, the
+    output projection without (Qwen2's layout; not a field of its config.json, set by its family).
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -29,7 +33,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
     attention_bias: bool = False
-    o_proj_bias: bool | None = None  # None: as attention_bias (Llama); Qwen2 has q/k/v biases only
+    qkv_bias: bool = False  # q/k/v biases without an output bias (Qwen2); attention_bias: all four (Llama)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = None
@@ -48,9 +52,11 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LlamaConfig:
         fields = config_fields(cls, raw)
-        theta = (raw.get("rope_parameters") or {}).get("rope_theta")  # transformers >= 5 nests it here
-        if theta is not None and "rope_theta" not in fields:
-            fields["rope_theta"] = theta
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta and rope_type here
+        if rope.get("rope_theta") is not None and "rope_theta" not in fields:
+            fields["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and "rope_scaling" not in fields:
+            fields["rope_scaling"] = rope  # rejected by __post_init__ like an old-style rope_scaling
         return cls(**fields)
 
 
@@ -59,11 +65,11 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
-        o_bias = cfg.attention_bias if cfg.o_proj_bias is None else cfg.o_proj_bias
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=o_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, C] -> rotated q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]."""

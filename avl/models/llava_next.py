@@ -87,6 +87,84 @@ def _or_default(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def grid_feature_map(grid: Tensor, rows: int, cols: int, side: int) -> Tensor:
+    """The grid tiles' features [rows * cols, side * side, C] (tiles row by row, patches row by row
+    in each) -> one feature map [rows * side, cols * side, C] of the whole grid."""
+    grid = grid.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)  # [rows, side, cols, side, C]
+    return grid.reshape(rows * side, cols * side, -1)
+
+
+def unpad_feature_map(feature_map: Tensor, image_size: Size) -> Tensor:
+    """A grid's feature map [H, W, C] -> the part [h, w, C] that covers the image of (height,
+    width) `image_size`, without the padding rows or columns (`unpadded_window`)."""
+    r0, r1, c0, c1 = unpadded_window(image_size, (feature_map.shape[0], feature_map.shape[1]))
+    return feature_map[r0:r1, c0:c1]
+
+
+def rows_with_newline(feature_map: Tensor, newline: Tensor) -> Tensor:
+    """A feature map [h, w, C] -> its rows in order, each followed by `newline` [C]: [h * (w + 1), C]."""
+    ends = newline.to(feature_map.dtype).expand(feature_map.shape[0], 1, -1)  # [h, 1, C]
+    return torch.cat([feature_map, ends], dim=1).flatten(0, 1)
+
+
+def tiled_image_sizes(pixel_values: Tensor, image_sizes: Tensor | Sequence[Size] | None, channels: int, side: int,
+                      processor: str) -> list[Size]:
+    """Check tiled `pixel_values` [N_images, tiles, channels, side, side] and `image_sizes` [N_images, 2]
+    (height, width), as the anyres image processor named `processor` returns them; the sizes as ints."""
+    if pixel_values.dim() != 5 or pixel_values.shape[2:] != (channels, side, side):
+        raise ValueError(
+            f"pixel_values must be [N_images, tiles, {channels}, {side}, {side}] ({processor}'s layout), "
+            f"got shape {tuple(pixel_values.shape)}"
+        )
+    n_images = pixel_values.shape[0]
+    if image_sizes is None:
+        raise ValueError(
+            f"image_sizes is required with pixel_values: [{n_images}, 2], the (height, width) of each original "
+            f"image, as {processor} returns it"
+        )
+    sizes_t = torch.as_tensor(image_sizes)
+    if sizes_t.shape != (n_images, 2) or sizes_t.is_floating_point() or sizes_t.is_complex():
+        raise ValueError(
+            f"image_sizes must be an integer tensor [{n_images}, 2] (height, width) for the {n_images} image(s) "
+            f"of pixel_values, got {sizes_t.dtype} shape {tuple(sizes_t.shape)}"
+        )
+    return [check_image_size(size) for size in sizes_t.tolist()]
+
+
+def check_tile_counts(sizes: Sequence[Size], needed: Sequence[int], n_tiles: int, rule: str) -> None:
+    """Each image i needs `needed[i]` of the `n_tiles` tiles per image of pixel_values (`rule` says which)."""
+    for i, (size, count) in enumerate(zip(sizes, needed)):
+        if count > n_tiles:
+            raise ValueError(
+                f"image {i} of size {size} (height, width) needs {count} tiles ({rule}) but pixel_values has "
+                f"{n_tiles} tiles per image"
+            )
+
+
+def check_image_tokens(image_mask: Tensor, lengths: Sequence[int], sizes: Sequence[Size], image_token: int,
+                       processor: str) -> None:
+    """Each sample's image tokens (`image_mask` [B, L]) must be exactly the features of whole images, in
+    order; `lengths` are the images' feature counts, `processor` the processor that expands them."""
+    per_sample = image_mask.sum(-1).tolist()
+    n_tokens, n_features = sum(per_sample), sum(lengths)
+    if n_tokens != n_features:
+        raise ValueError(
+            f"the prompt has {n_tokens} image tokens (id {image_token}) but {len(lengths)} image(s) give "
+            f"{n_features} features (per image: {list(lengths)}, sizes {list(sizes)}): expand each image placeholder "
+            f"to its own image's count ({processor} does)"
+        )
+    ends = {0, *itertools.accumulate(lengths)}  # feature index after each whole image
+    done = 0
+    for b, n in enumerate(per_sample):
+        done += n
+        if done not in ends:
+            raise ValueError(
+                f"sample {b}'s image tokens end at image feature {done}, inside an image: the images in order "
+                f"give {list(lengths)} features each, so the samples' image-token counts {per_sample} do not split "
+                "them into whole images"
+            )
+
+
 class LlavaNext(Llava):
     """LLaVA-NeXT (llava-hf layout). `prefill` takes `image_sizes` [N_images, 2] (height, width)."""
 
@@ -119,12 +197,8 @@ class LlavaNext(Llava):
         side = self.config.vision.image_size // self.config.vision.patch_size
         rows, cols = grid_shape(image_size, self.config.image_grid_pinpoints, self.config.vision.image_size)
         base, grid = tile_features[0], tile_features[1:]  # [P, C], [rows * cols, P, C]
-        grid = grid.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)  # [rows, side, cols, side, C]
-        grid = grid.reshape(rows * side, cols * side, -1)  # one feature map [H, W, C]
-        r0, r1, c0, c1 = unpadded_window(image_size, (rows * side, cols * side))
-        grid = grid[r0:r1, c0:c1]  # [h, w, C]
-        newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, -1)  # [h, 1, C]
-        return torch.cat([base, torch.cat([grid, newline], dim=1).flatten(0, 1)])  # [P + h * (w + 1), C]
+        grid = unpad_feature_map(grid_feature_map(grid, rows, cols, side), image_size)  # [h, w, C]
+        return torch.cat([base, rows_with_newline(grid, self.image_newline)])  # [P + h * (w + 1), C]
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None,
               image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, Tensor]:
@@ -156,54 +230,15 @@ class LlavaNext(Llava):
 
     def _image_sizes(self, pixel_values: Tensor, image_sizes: Tensor | Sequence[Size] | None) -> list[Size]:
         """Check pixel_values against image_sizes; the sizes as (height, width) ints."""
-        side = self.config.vision.image_size
-        if pixel_values.dim() != 5 or pixel_values.shape[2:] != (self.config.vision.num_channels, side, side):
-            raise ValueError(
-                f"pixel_values must be [N_images, tiles, {self.config.vision.num_channels}, {side}, {side}] "
-                f"(LlavaNextImageProcessor's layout), got shape {tuple(pixel_values.shape)}"
-            )
-        n_images, n_tiles = pixel_values.shape[:2]
-        if image_sizes is None:
-            raise ValueError(
-                f"image_sizes is required with pixel_values: [{n_images}, 2], the (height, width) of each original "
-                "image, as LlavaNextImageProcessor returns it"
-            )
-        sizes_t = torch.as_tensor(image_sizes)
-        if sizes_t.shape != (n_images, 2) or sizes_t.is_floating_point() or sizes_t.is_complex():
-            raise ValueError(
-                f"image_sizes must be an integer tensor [{n_images}, 2] (height, width) for the {n_images} image(s) "
-                f"of pixel_values, got {sizes_t.dtype} shape {tuple(sizes_t.shape)}"
-            )
-        sizes = [check_image_size(size) for size in sizes_t.tolist()]
-        for i, size in enumerate(sizes):
-            needed = self.num_tiles(size)
-            if needed > n_tiles:
-                raise ValueError(
-                    f"image {i} of size {size} (height, width) needs {needed} tiles (1 base + the grid of its best "
-                    f"resolution) but pixel_values has {n_tiles} tiles per image"
-                )
+        vision = self.config.vision
+        sizes = tiled_image_sizes(pixel_values, image_sizes, vision.num_channels, vision.image_size,
+                                  "LlavaNextImageProcessor")
+        check_tile_counts(sizes, [self.num_tiles(size) for size in sizes], pixel_values.shape[1],
+                          "1 base + the grid of its best resolution")
         return sizes
 
     def _check_image_tokens(self, image_mask: Tensor, lengths: list[int], sizes: list[Size]) -> None:
-        """Each sample's image tokens must be exactly the features of whole images, in order."""
-        per_sample = image_mask.sum(-1).tolist()
-        n_tokens, n_features = sum(per_sample), sum(lengths)
-        if n_tokens != n_features:
-            raise ValueError(
-                f"the prompt has {n_tokens} image tokens (id {self.config.image_token_index}) but {len(lengths)} "
-                f"image(s) give {n_features} features (per image: {lengths}, sizes {sizes}): expand each image "
-                "placeholder to its own image's count (LlavaNextProcessor does)"
-            )
-        ends = {0, *itertools.accumulate(lengths)}  # feature index after each whole image
-        done = 0
-        for b, n in enumerate(per_sample):
-            done += n
-            if done not in ends:
-                raise ValueError(
-                    f"sample {b}'s image tokens end at image feature {done}, inside an image: the images in order "
-                    f"give {lengths} features each, so the samples' image-token counts {per_sample} do not split "
-                    "them into whole images"
-                )
+        check_image_tokens(image_mask, lengths, sizes, self.config.image_token_index, "LlavaNextProcessor")
 
     def _check_sliding_window(self, attention_mask: Tensor, new_tokens: int) -> None:
         window = self.config.sliding_window

@@ -68,8 +68,7 @@ class Qwen2VLTextConfig(LlamaConfig):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     max_position_embeddings: int = 32768
-    attention_bias: bool = True
-    o_proj_bias: bool | None = False
+    qkv_bias: bool = True  # Qwen2: biases on q/k/v, none on o_proj
     mrope_section: tuple[int, ...] = (16, 24, 24)
     use_sliding_window: bool = False
 
@@ -93,7 +92,7 @@ class Qwen2VLTextConfig(LlamaConfig):
         `{"type": "mrope", "mrope_section": [...]}`) and `rope_theta`.
         """
         fields = config_fields(cls, raw)
-        for name in ("rope_scaling", "head_dim", "mrope_section", "rope_theta", "o_proj_bias", "attention_bias"):
+        for name in ("rope_scaling", "head_dim", "mrope_section", "rope_theta", "qkv_bias", "attention_bias"):
             fields.pop(name, None)
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))

@@ -154,6 +154,17 @@ def num_image_tokens(image_size: Size, pinpoints: Sequence[Size], tile: int, pat
     return side * side + (r1 - r0) * (c1 - c0 + 1)
 
 
+def grid_tiles(image: Image.Image, pinpoints: Sequence[Size], tile: int, resample: int) -> list[Image.Image]:
+    """The anyres grid of an RGB image (steps 1-3 above): resized into its best resolution with PIL
+    resampling code `resample`, pasted centred on black, cut into `tile x tile` tiles row by row."""
+    best_h, best_w = select_best_resolution((image.height, image.width), pinpoints)
+    new_h, new_w = resized_size((image.height, image.width), (best_h, best_w))
+    canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
+    resized = image.resize((new_w, new_h), resample=_PIL_RESAMPLE_CODES[resample])
+    canvas.paste(resized, ((best_w - new_w) // 2, (best_h - new_h) // 2))
+    return [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, best_h, tile) for x in range(0, best_w, tile)]
+
+
 @dataclass
 class LlavaNextImageProcessor:
     """LLaVA-NeXT anyres preprocessing, equal to transformers' `LlavaNextImageProcessor` (PIL path).
@@ -254,20 +265,13 @@ class LlavaNextImageProcessor:
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image has an empty side: {image.width}x{image.height}")
         size = (image.height, image.width)
-        tiles = [self._resize(image, self.base_size), *self._grid_tiles(image)]
+        tiles = [self._resize(image, self.base_size),
+                 *grid_tiles(image, self.image_grid_pinpoints, self.tile, self.resample)]
         return torch.stack([self.tile_processor.preprocess_one(t) for t in tiles]), size
 
     def _resize(self, image: Image.Image, size: Size) -> Image.Image:
         return image.resize((size[1], size[0]), resample=_PIL_RESAMPLE_CODES[self.resample])
 
-    def _grid_tiles(self, image: Image.Image) -> list[Image.Image]:
-        """Resize into the best resolution, pad centred with black, cut into tiles row by row."""
-        best_h, best_w = select_best_resolution((image.height, image.width), self.image_grid_pinpoints)
-        new_h, new_w = resized_size((image.height, image.width), (best_h, best_w))
-        canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
-        canvas.paste(self._resize(image, (new_h, new_w)), ((best_w - new_w) // 2, (best_h - new_h) // 2))
-        t = self.tile
-        return [canvas.crop((x, y, x + t, y + t)) for y in range(0, best_h, t) for x in range(0, best_w, t)]
 
 
 __all__ = [
@@ -276,6 +280,7 @@ __all__ = [
     "check_grid_pinpoints",
     "check_image_size",
     "grid_shape",
+    "grid_tiles",
     "num_image_tokens",
     "num_tiles",
     "resized_size",

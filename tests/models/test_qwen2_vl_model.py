@@ -175,7 +175,7 @@ def test_older_hub_config_with_flat_text_fields():
                              "spatial_patch_size": 14, "temporal_patch_size": 2}}
     cfg = Qwen2VLConfig.from_dict(raw)
     assert cfg.text.mrope_section == (16, 24, 24) and cfg.text.head_dim == 128 and cfg.text.rope_theta == 1e6
-    assert cfg.text.attention_bias and cfg.text.o_proj_bias is False and cfg.vision.in_channels == 3
+    assert cfg.text.qkv_bias and not cfg.text.attention_bias and cfg.vision.in_channels == 3
 
 
 @pytest.mark.parametrize("change,match", [
