@@ -26,7 +26,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,10 +66,7 @@ def random_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> 
 def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
     """The cache of one prompt, repeated for `batch` identical prompts (the prefill at batch 1 is
     what a batch of equal prompts would build; it saves minutes of CPU prefill)."""
-    def rep(x: torch.Tensor) -> torch.Tensor:
-        return x.repeat_interleave(batch, dim=0) if x.dim() else x.clone()
-    layers = [type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)}) for layer in cache.layers]
-    return avl.ModalCache(layers, rep(cache.next_position), rep(cache.full_rows))
+    return cache.repeat_interleave(batch)
 
 
 @dataclass
@@ -83,11 +80,9 @@ class Decoding:
 
     def advance(self, model: LlamaModel) -> float:
         """One decode step; returns its wall time in seconds."""
-        interval = self.policy.refresh_interval()
         self.step += 1
-        refresh = interval is not None and self.step % interval == 0
         start = time.perf_counter()
-        self.token = model.decode(self.token, self.cache, self.policy, refresh).argmax(-1)
+        self.token = model.decode(self.token, self.cache).argmax(-1)
         if self.token.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -116,7 +111,7 @@ def measured(args: argparse.Namespace) -> list[dict]:
                       num_attention_heads=32)
     model = random_model(cfg, dtype, device)
     layout = prompt_layout(1, args.image_tokens, 40, device)
-    prefilled = {name: prefill(model, layout, p, args.warmup + args.steps + 1) for name, p in POLICIES.items()}
+    prefilled = {name: prefill(model, layout, p, args.warmup + args.steps) for name, p in POLICIES.items()}
     rows = []
     for batch in args.batch:
         runs = {name: Decoding(d.policy, repeat_batch(d.cache, batch), d.token.repeat(batch))

@@ -364,6 +364,21 @@ class ModalCache:
         """The cross-attention layers' image caches, in layer order (empty for decoder-only models)."""
         return [layer for layer in self.layers if isinstance(layer, CrossLayerCache)]
 
+    def repeat_interleave(self, times: int) -> ModalCache:
+        """Each sample's cache repeated `times` times (sample b becomes rows b*times .. b*times + times-1):
+        several continuations of one prefill, e.g. sampling, or a batch of equal prompts in benchmarks.
+        The repeat shares no storage with this cache and allows the decode steps this one has left."""
+        def rep(x: object) -> object:
+            return x.repeat_interleave(times, dim=0) if isinstance(x, Tensor) and x.dim() else (
+                x.clone() if isinstance(x, Tensor) else x)
+
+        def rep_layer(layer: LayerCache | CrossLayerCache | None) -> LayerCache | CrossLayerCache | None:
+            return None if layer is None else type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)})
+
+        out = ModalCache([rep_layer(layer) for layer in self.layers], self.policy, rep(self.next_position),
+                         rep(self.full_rows), self.new_tokens - self.plan.steps, rep(self.rotary_state))
+        return out
+
     def next_step(self) -> DecodeStep:
         """The host-side plan of the next decode step (pass it to `model.decode` when compiled)."""
         return self.plan.next()
