@@ -54,7 +54,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
     parser.add_argument("--out", required=True, help="directory for analysis.json and the figures")
     parser.add_argument("--image", help="image file (one-sample mode)")
-    parser.add_argument("--prompt", help="the question (one-sample mode), in the model's chat template")
+    parser.add_argument("--prompt", help="the question (one-sample mode); the model family's chat template is applied")
     sweep = parser.add_argument_group("averaged over an eval task's samples")
     sweep.add_argument("--sweep-data", help="directory of the hub dataset's parquet shards, a .parquet or a .jsonl file")
     sweep.add_argument("--task", help=f"the task of --sweep-data, one of: {', '.join(TASKS)}")

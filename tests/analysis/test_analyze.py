@@ -127,8 +127,11 @@ def test_recorded_attention_rows_equal_transformers(llava):
     pixels = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     recorder = AttentionRecorder()
     with observing(model, recorder):
-        tokens = avl.generate(model, ids, pixel_values=pixels, max_new_tokens=STEPS).tokens[0].tolist()
+        observed = avl.generate(model, ids, pixel_values=pixels, max_new_tokens=STEPS, output_logits=True)
     assert model.language_model.observer is None  # unset again after the block
+    plain = avl.generate(model, ids, pixel_values=pixels, max_new_tokens=STEPS, output_logits=True)
+    assert torch.equal(observed.logits, plain.logits)  # observing changes nothing
+    tokens = observed.tokens[0].tolist()
     reference = reference_attention(hf, ids, tokens, pixel_values=pixels)
     recorded = recorder.steps()
     assert len(recorded) == STEPS
