@@ -4,8 +4,10 @@
     model = avl.load("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)
     out = avl.generate(model, input_ids, pixel_values=pixels, policy=avl.AVL(0.45, 0.30, 3, 0.9, 0.5))
     out.tokens, out.stats.table()
+    report = avl.analyze(model, input_ids, pixel_values=pixels)  # modal shares, concentration, PPCI
 """
 
+from avl.analysis import AttentionReport, analyze
 from avl.cache.modal_cache import CacheStats, LayerCache, ModalCache
 from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
 from avl.cache.trim import Trim
@@ -14,6 +16,7 @@ from avl.loading import load
 
 __all__ = [
     "AVL",
+    "AttentionReport",
     "CacheStats",
     "FastV",
     "Full",
@@ -24,6 +27,7 @@ __all__ = [
     "Policy",
     "StreamingLLM",
     "Trim",
+    "analyze",
     "generate",
     "load",
 ]

@@ -23,6 +23,7 @@ A cross-attention block (Llama-3.2-Vision) has a `CrossLayerCache`: image K/V bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -109,6 +110,8 @@ class LayerCache:
     seen: Tensor  # [B] rows that ever entered the evictable region
     used: Tensor  # [] head-rows attended in the last step (the prefill's last row until a decode step ran)
     budget: Budget = field(default_factory=Budget)  # the policy's rule for the evictable rows
+    # when set, called with (idx, probs) after each step's attention: eager runs only (`avl.analysis`)
+    observer: Callable[[Tensor, Tensor], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def evictable_start(self) -> int:
@@ -134,6 +137,8 @@ class LayerCache:
         idx = self.indices(refresh, width)
         # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
         out, probs = gathered_attention(q, self.k, self.v, idx, scale, validate=False)
+        if self.observer is not None:
+            self.observer(idx, probs)
         self.used.copy_((idx >= 0).sum())
         if self.budget.evicts:
             heads = self.live.shape[1]

@@ -12,6 +12,9 @@ every family unchanged.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +22,18 @@ from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache
 from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
 from avl.models.layers import attention_probs, attention_received, prefill_attention
+
+
+class AttentionObserver(Protocol):
+    """Sees the attention a `CachedDecoder` runs, when set as its `observer` (`avl.analysis`)."""
+
+    def prefill(self, layer: int, layout: PromptLayout, probs: Tensor) -> None:
+        """Self-attention block `layer` in prefill: the last prompt row's head-mean probabilities over
+        the layout's rows, [B, L]."""
+
+    def decode(self, layer: int, idx: Tensor, probs: Tensor) -> None:
+        """A decode step of block `layer`: the cache slots it attended, idx [B, Hkv, M], and the
+        gathered-attention op's probabilities over them, probs [B, Hq, M]."""
 
 
 class CrossAttentionBlock(nn.Module):
@@ -43,7 +58,13 @@ class CachedDecoder(nn.Module):
     policy's cache for that block is built (so peak KV memory is the compacted cache plus one full
     layer), and a policy may drop image rows from the hidden states. `decode` runs one token per
     sample against the `ModalCache`, one cache call per block.
+
+    `observer` (None: nothing changes) is handed each self-attention block's last-prompt-row
+    probabilities in prefill, and is wired into the block's `LayerCache` to see every decode step's
+    probabilities; a Python callback, so only for eager decode (`avl.analysis.observing` sets it).
     """
+
+    observer: AttentionObserver | None = None
 
     embed_tokens: nn.Embedding
     layers: nn.ModuleList
@@ -96,9 +117,14 @@ class CachedDecoder(nn.Module):
             attn = block.self_attn
             q, k, v = attn.project(block.input_layernorm(h), a, b)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
-            image_scores = self._image_scores(q, k, layout, attn.scale) if policy.needs_image_scores(i) else None
+            scored = policy.needs_image_scores(i) or self.observer is not None
+            image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            caches.append(build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens))
+            self_cache = build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens)
+            if self.observer is not None:
+                self.observer.prefill(i, layout, image_scores)
+                self_cache.observer = partial(self.observer.decode, i)
+            caches.append(self_cache)
             h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
