@@ -129,3 +129,16 @@ def build_qwen2_tokenizer(directory: Path, n_merges: int = 200) -> dict[str, int
                                           "single_word": False, "special": True} for t, i in ids.items()},
     }, indent=1))
     return ids
+
+
+def build_checkpoint(directory: Path, family: str, seed: int = 0):
+    """A complete tiny checkpoint directory of `family`: transformers' weights (`build_hf`), the tiny
+    Qwen2 tokenizer, the hub's chat template and a preprocessor config with small pixel bounds (at
+    most 20000 pixels: up to 25 image tokens). Returns the transformers model."""
+    import json
+
+    hf = build_hf(directory, family, seed=seed)
+    build_qwen2_tokenizer(directory)
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (directory / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 20000}))
+    return hf
