@@ -339,6 +339,8 @@ class Qwen2VL(nn.Module):
 
     @property
     def max_positions(self) -> int:
+        """`max_position_embeddings`; `generate` bounds prompt length + new tokens by it (M-RoPE
+        positions never exceed the sequence index, so that is conservative)."""
         return self.config.text.max_position_embeddings
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
