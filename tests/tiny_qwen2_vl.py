@@ -21,8 +21,9 @@ def text_config(**overrides) -> dict:
 def build_hf(directory: Path, family: str, seed: int = 0, tie: bool = False, text: dict | None = None,
              **vision_overrides):
     """Write a tiny float64 checkpoint of `family` ("qwen2_vl" or "qwen2_5_vl") and return the
-    transformers model (`text`: overrides of `text_config()`). Weights are redrawn at std 0.2 (biases and norm gains included) so that a
-    wrong rotary, window or position rule moves the outputs far beyond the tolerances."""
+    transformers model (`text`: overrides of `text_config()`). Weights are redrawn at std 0.2 (biases
+    and norm gains included) so that a wrong rotary, window or position rule moves the outputs far
+    beyond the tolerances."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,

@@ -306,5 +306,5 @@ class Qwen2VLProcessor:
         return self._text.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-__all__ = ["QWEN2_VL_SYSTEM_PROMPT", "Qwen2VLImageProcessor", "Qwen2VLProcessor", "qwen2_vl_prompt", "read_chat_template",
-           "render_chat_template", "smart_resize"]
+__all__ = ["QWEN2_VL_SYSTEM_PROMPT", "Qwen2VLImageProcessor", "Qwen2VLProcessor", "qwen2_vl_prompt",
+           "read_chat_template", "render_chat_template", "smart_resize"]

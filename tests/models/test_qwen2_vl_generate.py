@@ -24,11 +24,13 @@ from tiny_qwen2_vl import IMAGE_ID, VIDEO_ID, build_hf, image_prompt, left_pad, 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 STEPS = 12
 
-# per sample: text before, image grids (t, h, w in patches), text after; different lengths and sizes
+# per sample: text before, image grids (t, h, w in patches), text after; different lengths and sizes,
+# two images in one prompt, and a text-only prompt
 SAMPLES = [
     ([5, 6], [[1, 4, 10]], [7, 8, 9, 10]),
     ([5, 6, 11, 12, 13], [[1, 12, 6]], [7, 8, 9]),
     ([21, 22, 23], [[1, 8, 8], [1, 6, 14]], [24, 25, 26, 27, 28, 29]),
+    ([31, 32, 33, 34, 35, 36], [], [37]),
 ]
 
 POLICIES = [
@@ -76,9 +78,12 @@ def deep_model(request, tmp_path_factory):
 def inputs(samples):
     """Left-padded inputs of some of SAMPLES; each sample's pixels are its own, batched or alone."""
     ids, mask = left_pad([image_prompt(before, grids, after) for before, grids, after in samples])
-    grids = [torch.tensor(grids) for _, grids, _ in samples]
-    pixels = [random_pixels(grid, SAMPLES.index(sample)) for grid, sample in zip(grids, samples)]
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
+    with_images = [(torch.tensor(grids), SAMPLES.index(sample)) for sample in samples if (grids := sample[1])]
+    if not with_images:
+        return dict(input_ids=ids, attention_mask=mask)
+    pixels = torch.cat([random_pixels(grid, i) for grid, i in with_images])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                image_grid_thw=torch.cat([grid for grid, _ in with_images]))
 
 
 def reference(hf, batch):
@@ -139,10 +144,10 @@ def test_batch_equals_each_sample_alone(deep_model, policy):
 @torch.inference_mode()
 def test_image_rows_are_the_image_pad_tokens_and_policies_count_them(deep_model):
     """A-VL keeps int(0.5 * N_img) image rows per sample and layer of each sample's own N_img = the
-    `<|image_pad|>` count (10, 18, 16 + 21); vision start / end tokens are text."""
+    `<|image_pad|>` count (10, 18, 16 + 21, 0); vision start / end tokens are text."""
     batch = inputs(SAMPLES)
     n_image = [int(n) for n in (batch["input_ids"] == IMAGE_ID).sum(-1)]
-    assert n_image == [10, 18, 37]
+    assert n_image == [10, 18, 37, 0]
     kwargs = dict(max_new_tokens=2)
     full = avl.generate(deep_model, **batch, **kwargs).stats
     half = avl.generate(deep_model, **batch, policy=avl.AVL(secondary=0.5, core=0.25, refresh_every=2), **kwargs).stats
