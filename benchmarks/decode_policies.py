@@ -11,9 +11,11 @@ step; the policies show at larger batch.
 `--image-tokens 2880` times LLaVA-1.6-7B's prompt shape, `--image-tokens 256` Qwen-VL's.
 
 Part 2 (computed, no weights allocated): the paper's Table-3 settings on the real LLaVA-1.5-7B
-(576 image tokens), LLaVA-1.6-7B (2880) and Qwen-VL-7B (256) configs: a model with the real layer count and prompt
-layout but tiny widths runs the policies; its cache rows are scaled to the real per-row bytes
-(2 * 32 KV heads * 128 * 2 bytes, float16).
+(576 image tokens), LLaVA-1.6-7B (2880) and Qwen-VL-7B (256) configs, and Qwen2-VL-7B (28 layers,
+4 KV heads: GQA) at the image-token counts its processor gives a 640x480 photo, a 1024x768 image
+and a 1700x2200 document page: a model with the real layer count and prompt layout but tiny
+widths runs the policies; its cache rows are scaled to the real per-row bytes (2 * KV heads * 128
+* 2 bytes, float16).
 
 Usage: python benchmarks/decode_policies.py [--batch 1 8 32] [--layers 4] [--steps 8]
 [--image-tokens 576] [--dtype float32] [--device cpu] [--out benchmarks/results/decode_policies.json]
@@ -34,6 +36,7 @@ import torch
 import avl
 from avl.cache.layout import PromptLayout
 from avl.models.llama import LlamaConfig, LlamaModel
+from avl.processing.qwen2_vl import Qwen2VLImageProcessor
 
 POLICIES = {
     "full": avl.Full(),
@@ -71,16 +74,14 @@ def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
 
 @dataclass
 class Decoding:
-    """One policy's generation in progress: its cache, the last token, the decode step count."""
+    """One policy's generation in progress: its cache (which plans each step) and the last token."""
 
     policy: avl.Policy
     cache: avl.ModalCache
     token: torch.Tensor
-    step: int = 0
 
     def advance(self, model: LlamaModel) -> float:
         """One decode step; returns its wall time in seconds."""
-        self.step += 1
         start = time.perf_counter()
         self.token = model.decode(self.token, self.cache).argmax(-1)
         if self.token.device.type == "cuda":
@@ -136,14 +137,19 @@ def measured(args: argparse.Namespace) -> list[dict]:
 @torch.inference_mode()
 def table3(new_tokens: int) -> list[dict]:
     """Cache bytes of the Table-3 settings on the real 7B configs, from a tiny-width stand-in."""
-    real_row_bytes = 2 * 32 * 128 * 2  # K and V, 32 KV heads, head_dim 128, float16
-    tiny = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=32,
-                       num_attention_heads=1)
-    model = random_model(tiny, torch.float32, torch.device("cpu"))
-    tiny_row_bytes = 2 * 1 * 32 * 4
+    tiny_row_bytes = 2 * 1 * 32 * 4  # the stand-in: one KV head of width 32, float32
+    # Qwen-VL-7B's LM has LLaVA's KV shape (32 layers, 32 heads x 128); its image is 256 tokens.
+    # Qwen2-VL-7B: 28 layers, 4 KV heads x 128; image tokens from Qwen2-VL-7B-Instruct's pixel bounds.
+    qwen2_vl = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)
+    settings = [("llava-1.5-7b", 576, 32, 32), ("llava-1.6-7b", 2880, 32, 32), ("qwen-vl-7b", 256, 32, 32)]
+    settings += [(f"qwen2-vl-7b {w}x{h}", qwen2_vl.num_image_tokens(h, w), 28, 4)
+                 for w, h in ((640, 480), (1024, 768), (1700, 2200))]
     rows = []
-    # Qwen-VL-7B's LM has the same KV shape (32 layers, 32 heads x 128); its image is 256 tokens
-    for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880), ("qwen-vl-7b", 256)):
+    for name, n_image, layers, kv_heads in settings:
+        real_row_bytes = 2 * kv_heads * 128 * 2  # K and V, head_dim 128, float16
+        tiny = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=layers,
+                           num_attention_heads=1)
+        model = random_model(tiny, torch.float32, torch.device("cpu"))
         layout = prompt_layout(1, n_image, 40, torch.device("cpu"))
         for policy_name, policy in TABLE3.items():
             run = prefill(model, layout, policy, new_tokens)
@@ -151,7 +157,7 @@ def table3(new_tokens: int) -> list[dict]:
                 run.advance(model)
             r = byte_counts(run.cache)
             scale = real_row_bytes / tiny_row_bytes
-            rows.append({"model": name, "policy": policy_name, "new_tokens": new_tokens,
+            rows.append({"model": name, "image_tokens": n_image, "policy": policy_name, "new_tokens": new_tokens,
                          **{k: int(v * scale) for k, v in r.items() if k.endswith("bytes")},
                          "stored_pct": 100 * r["stored_bytes"] / r["full_bytes"],
                          "used_pct": 100 * r["used_bytes"] / r["full_bytes"]})
@@ -174,9 +180,10 @@ def main() -> None:
 
     t3 = table3(args.table3_tokens)
     print(f"Table 3 settings, KV cache after {args.table3_tokens} generated tokens (float16, real 7B shapes):")
-    print(f"{'model':<14} {'policy':<24} {'stored MB':>10} {'stored %':>9} {'used MB':>9} {'used %':>7}")
+    print(f"{'model':<24} {'image':>5} {'policy':<24} {'stored MB':>10} {'stored %':>9} {'used MB':>9} {'used %':>7}")
     for r in t3:
-        print(f"{r['model']:<14} {r['policy']:<24} {r['stored_bytes'] / 2**20:>10.1f} {r['stored_pct']:>9.1f}"
+        print(f"{r['model']:<24} {r['image_tokens']:>5} {r['policy']:<24} {r['stored_bytes'] / 2**20:>10.1f}"
+              f" {r['stored_pct']:>9.1f}"
               f" {r['used_bytes'] / 2**20:>9.1f} {r['used_pct']:>7.1f}")
 
     rows = measured(args)

@@ -1,7 +1,8 @@
 """The ONE policy-driven prefill/decode loop, over self-attention and cross-attention blocks alike.
 
 A family's language model subclasses `CachedDecoder` and provides `embed_tokens`, `layers`,
-`norm`, `lm_head` and `rotary(positions, dtype)`. A self-attention block has
+`norm`, `lm_head` and `rotary(positions, dtype)` (`prompt_rotary(layout, dtype)` when the prompt's
+rotary positions are not `layout.positions`: Qwen2-VL's M-RoPE). A self-attention block has
 `input_layernorm`, a `self_attn` with `project(x, a, b) -> q, k, v`, `output(out)` and `scale`,
 and `finish(h, attn_out) -> h` (residual, MLP). The pair `(a, b)` that `rotary` returns is opaque
 to the loop and goes to `project` as is: cos and sin for Llama; Qwen's rotary table and logn
@@ -75,6 +76,11 @@ class CachedDecoder(nn.Module):
         """The position tables `project` takes for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
         raise NotImplementedError
 
+    def prompt_rotary(self, layout: PromptLayout, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of the prompt rows of `layout` (after a prefill drop too): by default
+        `rotary(layout.positions)`; Qwen2-VL: M-RoPE of `layout.rope_positions`."""
+        return self.rotary(layout.positions, dtype)
+
     def rotary_state(self, layout: PromptLayout) -> Tensor | None:
         """Per-sample rotary state fixed at prefill that decode needs besides the position
         (`ModalCache.rotary_state`); None by default. Qwen-VL: the prompt's dynamic-NTK alpha."""
@@ -105,7 +111,7 @@ class CachedDecoder(nn.Module):
         next_position = layout.positions[:, -1] + 1
         rotary_state = self.rotary_state(layout)
         caches: list[LayerCache | CrossLayerCache | None] = []
-        a, b = self.rotary(layout.positions, h.dtype)
+        a, b = self.prompt_rotary(layout, h.dtype)
         for i, block in enumerate(self.layers):
             if isinstance(block, CrossAttentionBlock):
                 layer_cache = None
@@ -129,7 +135,7 @@ class CachedDecoder(nn.Module):
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
-                a, b = self.rotary(layout.positions, h.dtype)
+                a, b = self.prompt_rotary(layout, h.dtype)
         logits = self.lm_head(self.norm(h[:, -1]))
         return logits, ModalCache(caches, policy, next_position, full_rows, new_tokens, rotary_state)
 

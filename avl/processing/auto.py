@@ -15,6 +15,7 @@ from avl.processing.image import ImageLike
 from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
 from avl.processing.mllama import MllamaProcessor, mllama_prompt
+from avl.processing.qwen2_vl import Qwen2VLProcessor, qwen2_vl_prompt
 from avl.processing.qwen_vl import QwenVLProcessor, qwen_chat_prompt, qwen_vl_query
 from avl.weights import read_config
 
@@ -60,8 +61,13 @@ def load_chat_processor(directory: str | os.PathLike[str]) -> ChatProcessor:
         tokenizer = processor.tokenizer
         return ChatProcessor(processor, lambda q: qwen_chat_prompt(qwen_vl_query(q)),
                              (tokenizer.im_end_id, tokenizer.eod_id))
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        processor = Qwen2VLProcessor.from_dir(root)
+        tokenizer = processor.tokenizer
+        return ChatProcessor(processor, qwen2_vl_prompt,
+                             _ids(tokenizer.token_to_id("<|im_end|>")) + _ids(tokenizer.token_to_id("<|endoftext|>")))
     raise ValueError(f"no chat processor for model_type={model_type!r} in {root / 'config.json'}; "
-                     "supported: ['llava', 'llava_next', 'mllama', 'qwen']")
+                     "supported: ['llava', 'llava_next', 'mllama', 'qwen', 'qwen2_5_vl', 'qwen2_vl']")
 
 
 def _ids(token_id: int | None) -> tuple[int, ...]:
