@@ -257,7 +257,7 @@ def test_left_padded_batch_generation_equals_transformers_generate(pair):
 
 
 def test_multi_image_prompt_generation_equals_transformers_generate(pair):
-    """A two-image prompt (one tile each, batch_num_images [2]) next to a one-image prompt (batch_num_images [.., 1])."""
+    """A two-image prompt (one tile each) next to a one-image prompt (tiled): batch_num_images [2, 1]."""
     _, _, hf, model = pair
     sizes = [(120, 35), (30, 30), (40, 110)]
     n = [model.num_image_tokens(s, multi_image=True) for s in sizes[:2]]
