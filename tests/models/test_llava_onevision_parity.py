@@ -424,3 +424,27 @@ def test_processor_outputs_give_transformers_logits(tmp_path):
         out = model(**inputs)
     valid = inputs["attention_mask"].bool()
     assert (out[valid] - ref[valid]).abs().max() <= TOL64
+
+
+def test_chat_processor_generation_equals_transformers_generate(tmp_path):
+    """`load_chat_processor` on a transformers-written checkpoint directory: llava-hf's chat prompt, the Qwen2
+    stop ids, and its inputs through avl.generate give transformers' greedy tokens and float64 logits."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from avl.processing.auto import load_chat_processor
+    from tiny_llava import build_tiny_onevision_checkpoint
+
+    directory = build_tiny_onevision_checkpoint(tmp_path / "onevision")
+    chat = load_chat_processor(directory)
+    tokenizer = chat.processor.tokenizer
+    assert chat.prompt("Color?") == "<|im_start|>user <image>\nColor?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.stop_token_ids == (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
+    inputs = chat(["What is in this wide picture?", "Color?"], [noise_image(90, 30, 0), noise_image(40, 60, 1)])
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(directory, dtype=torch.float64).eval()
+    model = avl.load(directory, dtype=torch.float64)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    ref_tokens, ref_logits = hf_generate(hf, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                         inputs["image_sizes"], inputs["batch_num_images"])
+    out = avl.generate(model, **inputs, max_new_tokens=STEPS, output_logits=True)
+    assert (out.logits - ref_logits).abs().max() <= TOL64
+    assert out.tokens.tolist() == ref_tokens.tolist()
