@@ -357,6 +357,19 @@ def test_image_token_count_not_matching_the_image_fails_with_both_numbers(pair):
         model(ids, None, None, [(30, 30)])
 
 
+def test_generate_checks_the_image_inputs_before_prefill(pair):
+    """avl.generate goes through the same checks as the dense forward: counts, and the multi-image grouping."""
+    model = pair[3]
+    n = model.num_image_tokens((30, 30))
+    ids = torch.tensor([prompt_ids(3, 5, n, seed=0)])
+    with pytest.raises(ValueError, match=rf"{n} image tokens \(id 300\) but 1 image\(s\) give "
+                                         rf"{model.num_image_tokens((40, 110))} features"):
+        avl.generate(model, ids, pixel_values=pixels(1, 0), image_sizes=torch.tensor([(40, 110)]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"batch_num_images=\[2\] must be ints >= 1 .* summing to the 1 image"):
+        avl.generate(model, ids, pixel_values=pixels(1, 0), image_sizes=torch.tensor([(30, 30)]),
+                     batch_num_images=torch.tensor([2]), max_new_tokens=2)
+
+
 def test_bad_image_inputs_name_the_value(pair):
     model = pair[3]
     ids = torch.tensor([prompt_ids(3, 5, model.num_image_tokens((30, 30)), seed=0)])
