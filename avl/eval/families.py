@@ -14,6 +14,11 @@ Keyed by ``config.json``'s ``model_type``. Sources (lmms-eval v0.2.0 model wrapp
   (as llava-hf's) tokenizes the prompt in one piece.
 * ``llava_next`` -- the same ``llava`` wrapper and template (its default ``conv_template``), with
   LLaVA-NeXT's anyres processor (``LlavaNextProcessor``).
+* ``llava_onevision`` -- ``lmms_eval/models/llava_onevision.py`` (added after v0.2.0; the LLaVA-NeXT repository's code,
+  ``conv_template="qwen_1_5"``): the context becomes ``"<image>\n" + text`` and goes through
+  ``conv_qwen`` (ChatML with the system prompt "You are a helpful assistant."), see
+  :func:`qwen_1_5`; the decoded text is stripped, not cut at ``until``. Images: the checkpoint's
+  anyres_max_9 tiling (``LlavaOnevisionProcessor``); generation stops at ``<|im_end|>``.
 * ``mllama`` (Llama-3.2-Vision) -- lmms-eval's ``llama_vision`` wrapper (added after v0.2): one user
   turn, the image first, then the text, through the chat template (:func:`avl.processing.mllama_prompt`).
 * ``qwen`` (Qwen-VL) -- ``lmms_eval/models/qwen_vl.py``: no chat template, Qwen's
@@ -42,6 +47,7 @@ from typing import Any, Protocol
 from avl.processing import (
     LLAVA15_SYSTEM_PROMPT,
     LlavaNextProcessor,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     MllamaProcessor,
     Qwen2VLProcessor,
@@ -107,6 +113,12 @@ def vicuna_v1(text: str) -> str:
     return llava15_prompt(text, system=LLAVA15_SYSTEM_PROMPT)
 
 
+def qwen_1_5(text: str) -> str:
+    """LLaVA-NeXT's ``conv_qwen`` (``qwen_1_5``) with one image, as lmms-eval's llava_onevision wrapper builds it."""
+    return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n{text}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
 def qwen_vl_list_format(text: str) -> str:
     """Qwen-VL ``tokenizer.from_list_format([{"image": ...}, {"text": text}])``."""
     return f"Picture 1: <img></img>\n{text}"
@@ -132,6 +144,8 @@ def _llava_next_processor(directory: Path) -> Processor:
 FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "llava", vicuna_v1, _llava_processor),
     "llava_next": Family("llava_next", "llava", vicuna_v1, _llava_next_processor),
+    "llava_onevision": Family("llava_onevision", "llava_onevision", qwen_1_5, LlavaOnevisionProcessor.from_dir,
+                              strip_output=True),
     "mllama": Family("mllama", "llama_vision", mllama_prompt, MllamaProcessor.from_dir),
     "qwen": Family("qwen", "qwen_vl", qwen_vl_list_format, QwenVLProcessor.from_dir, strip_output=True,
                    cut_at_until=True),
