@@ -8,17 +8,19 @@
 """
 
 from avl.analysis import AttentionReport, analyze
-from avl.cache.modal_cache import CacheStats, LayerCache, ModalCache
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.cache.modal_cache import CacheStats, DecodeStep, LayerCache, ModalCache
+from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM
 from avl.cache.trim import Trim
-from avl.generate import GenerationOutput, generate
+from avl.generate import GenerationOutput, Timings, generate
 from avl.loading import load
 
 __all__ = [
     "AVL",
     "AttentionReport",
     "CacheStats",
+    "DecodeStep",
     "FastV",
+    "FeaturePolicy",
     "Full",
     "GenerationOutput",
     "H2O",
@@ -26,6 +28,7 @@ __all__ = [
     "ModalCache",
     "Policy",
     "StreamingLLM",
+    "Timings",
     "Trim",
     "analyze",
     "generate",
