@@ -107,3 +107,31 @@ def test_compiled_decode_has_no_graph_breaks_and_compiles_once_per_variant(model
     # inductor evaluates the float32 rotary tables with its own cos/sin: ~1e-7 differences, far below
     # what a wrong index or mask would give
     assert (compiled.logits - eager.logits).abs().max() <= 1e-5
+
+
+def test_timings_give_time_to_first_token_and_one_entry_per_decode_step(model):
+    ids = torch.tensor([prompt_ids(3, 6, 16, 5)])
+    out = avl.generate(model, ids, pixel_values=pixels(1, 5), max_new_tokens=6)
+    assert out.timings.prefill_s > 0
+    assert len(out.timings.step_s) == out.tokens.shape[1] - 1 == 5  # the first token comes from the prefill
+    assert all(t > 0 for t in out.timings.step_s)
+    assert out.stats.decode_steps == 5
+
+
+def test_decoding_past_the_capacity_sized_at_prefill_raises(model):
+    ids = torch.tensor([prompt_ids(3, 6, 16, 6)])
+    for policy in (avl.Full(), avl.H2O(budget=0.5), avl.AVL(0.45, 0.30, 3, 0.9, 0.5)):
+        logits, cache = model.prefill(ids, torch.ones_like(ids), pixels(1, 6), policy, 2)
+        token = logits.argmax(-1)
+        for _ in range(2):
+            token = model.decode(token, cache).argmax(-1)
+        with pytest.raises(ValueError, match="decode step 3 is past the capacity of this cache.*new_tokens=2"):
+            model.decode(token, cache)
+
+
+def test_prompt_plus_new_tokens_beyond_the_position_table_raises_naming_both(model):
+    ids = torch.tensor([prompt_ids(3, 6, 16, 7)])
+    limit = model.max_positions
+    with pytest.raises(ValueError, match=rf"prompt length {ids.shape[1]} \+ max_new_tokens={limit} .* "
+                                         rf"max_position_embeddings={limit}"):
+        avl.generate(model, ids, pixel_values=pixels(1, 7), max_new_tokens=limit)
