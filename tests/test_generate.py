@@ -135,3 +135,14 @@ def test_prompt_plus_new_tokens_beyond_the_position_table_raises_naming_both(mod
     with pytest.raises(ValueError, match=rf"prompt length {ids.shape[1]} \+ max_new_tokens={limit} .* "
                                          rf"max_position_embeddings={limit}"):
         avl.generate(model, ids, pixel_values=pixels(1, 7), max_new_tokens=limit)
+
+
+def test_stats_without_a_decode_step_show_what_the_prefill_attended(model):
+    """The first token is the last one (max_new_tokens=1, or EOS at once): no decode step ran, and the
+    'used' columns are the prefill's last row, which attended every prompt row."""
+    ids = torch.tensor([prompt_ids(3, 6, 16, 8)])
+    out = avl.generate(model, ids, pixel_values=pixels(1, 8), max_new_tokens=1)
+    total = out.stats.total
+    assert out.stats.decode_steps == 0
+    assert total.used_rows == total.full_rows == len(model.language_model.layers) * ids.shape[1]
+    assert "no decode step ran" in out.stats.table()

@@ -396,6 +396,9 @@ def test_missing_image_inputs_fail_clearly(model, one):
 @pytest.mark.parametrize("policy,match", [
     (AVL(secondary=0.5), "selects image rows of the sequence"),
     (FastV(layer=1, keep=0.5), "drops image hidden states"),
+    # the default layers lie beyond this model's 3 self-attention layers: the reason is still the image
+    (FastV(), "needs image rows in the sequence"),
+    (AVL(prefill_keep=0.5, prefill_layer=3), "needs image rows in the sequence"),
 ])
 def test_policies_for_image_tokens_in_the_sequence_are_rejected(model, one, policy, match):
     with pytest.raises(ValueError, match=match):
