@@ -25,12 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from avl.cache.layout import top_rows
 from avl.ops import gathered_attention
+
+if TYPE_CHECKING:  # policies.py builds these caches, so it imports this module
+    from avl.cache.policies import Policy
 
 
 @dataclass(frozen=True)
@@ -350,7 +354,7 @@ class ModalCache:
     """
 
     layers: list[LayerCache | CrossLayerCache | None]
-    policy: object  # the `Policy` the cache was built for (typed loosely: policies import this module)
+    policy: Policy  # the policy the cache was built for
     next_position: Tensor  # [B] rotary position of the next token
     full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
     new_tokens: int  # decode steps the capacity was sized for
