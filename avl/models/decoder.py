@@ -98,7 +98,9 @@ class CachedDecoder(nn.Module):
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
             image_scores = self._image_scores(q, k, layout, attn.scale) if policy.needs_image_scores(i) else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            caches.append(build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens))
+            prompt_keep = policy.prompt_keep(i, len(self.layers), q, k, layout.valid, attn.scale)
+            caches.append(build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens,
+                                            prompt_keep))
             h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
