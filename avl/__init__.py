@@ -12,6 +12,7 @@ from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
 from avl.cache.registry import POLICIES
 from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
+from avl.cache.visionzip import VisionZip
 from avl.generate import GenerationOutput, generate
 from avl.loading import load
 
@@ -35,6 +36,7 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "Trim",
+    "VisionZip",
     "generate",
     "load",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +106,12 @@ class Policy:
 
 class FeaturePolicy:
     """Base of the policies that select image features before they enter the language model or
-    its cross-attention (`Trim`), composed with a sequence `Policy` at the call:
-    `generate(..., policy=..., feature_policy=...)`."""
+    its cross-attention (`Trim`, `VisionZip`), composed with a sequence `Policy` at the call:
+    `generate(..., policy=..., feature_policy=...)`. `in_sequence`: whether it selects the features
+    written into the token sequence (VisionZip: the model that applies it says so in its own
+    `check_policy`) rather than those of the cross-attention layers (Trim)."""
+
+    in_sequence: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

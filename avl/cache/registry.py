@@ -22,6 +22,7 @@ from avl.cache.kv_policies import AdaKV, KNorm, ObservedAttention, PyramidKV, Ra
 from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM
 from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
+from avl.cache.visionzip import VisionZip
 
 POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "full": Full,
@@ -37,6 +38,7 @@ POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "knorm": KNorm,
     "observed": ObservedAttention,
     "random": RandomEviction,
+    "visionzip": VisionZip,
 }
 
 
