@@ -1,5 +1,8 @@
 """Decode-step time and KV bytes of every cache policy against the full cache, side by side.
 
+The kvpress-pinned policies (SnapKV, PyramidKV, AdaKV, KNorm, ObservedAttention, Random) run at
+keep 0.5, the share H2O 50% keeps, so that stored bytes and step times compare at one retained share.
+
 Part 1 (measured): a Llama decoder with LLaVA-1.5-7B layer shapes (hidden 4096, 32 heads,
 head_dim 128, MLP 11008) but `--layers` layers (default 4) and random weights, on a prompt of
 1 system + 576 image + 40 text tokens (image rows are marked as such; the vision tower is not
@@ -42,8 +45,15 @@ POLICIES = {
     "fastv K2 R50": avl.FastV(layer=2, keep=0.5),
     "h2o 50%": avl.H2O(budget=0.5),
     "streaming 4+256": avl.StreamingLLM(sinks=4, window=256),
+    "snapkv 50%": avl.SnapKV(0.5),
+    "pyramidkv 50%": avl.PyramidKV(0.5),
+    "adakv(snapkv) 50%": avl.AdaKV(avl.SnapKV(0.5)),
+    "knorm 50%": avl.KNorm(0.5),
+    "observed 50%": avl.ObservedAttention(0.5),
+    "random 50%": avl.RandomEviction(0.5),
 }
-TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%")}
+TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%",
+                                            "snapkv 50%", "pyramidkv 50%", "adakv(snapkv) 50%")}
 
 
 def prompt_layout(batch: int, n_image: int, n_text: int, device: torch.device) -> PromptLayout:
@@ -66,28 +76,26 @@ def random_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> 
 def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
     """The cache of one prompt, repeated for `batch` identical prompts (the prefill at batch 1 is
     what a batch of equal prompts would build; it saves minutes of CPU prefill)."""
-    def rep(x: torch.Tensor) -> torch.Tensor:
+    def rep(x: object) -> object:
+        if not isinstance(x, torch.Tensor):
+            return x  # the layer's Budget
         return x.repeat_interleave(batch, dim=0) if x.dim() else x.clone()
     layers = [type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)}) for layer in cache.layers]
-    return avl.ModalCache(layers, rep(cache.next_position), rep(cache.full_rows))
+    return avl.ModalCache(layers, cache.policy, rep(cache.next_position), rep(cache.full_rows), cache.new_tokens)
 
 
 @dataclass
 class Decoding:
-    """One policy's generation in progress: its cache, the last token, the decode step count."""
+    """One policy's generation in progress: its cache and the last token."""
 
     policy: avl.Policy
     cache: avl.ModalCache
     token: torch.Tensor
-    step: int = 0
 
     def advance(self, model: LlamaModel) -> float:
-        """One decode step; returns its wall time in seconds."""
-        interval = self.policy.refresh_interval()
-        self.step += 1
-        refresh = interval is not None and self.step % interval == 0
+        """One decode step (planned on the host, as `avl.generate` does); returns its wall time in seconds."""
         start = time.perf_counter()
-        self.token = model.decode(self.token, self.cache, self.policy, refresh).argmax(-1)
+        self.token = model.decode(self.token, self.cache, self.cache.next_step()).argmax(-1)
         if self.token.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
