@@ -78,4 +78,13 @@ def test_visionzip_is_refused_where_it_does_not_apply(models):
     with pytest.raises(ValueError, match=r"keeps 18 tokens of an image, which has 17 \(CLS \+ patches\)"):
         avl.generate(model, ids, pixel_values=pixels(1, 0), feature_policy=avl.VisionZip(dominant=10, contextual=8))
     with pytest.raises(ValueError, match="selects the image features of the token sequence.*LLaVA-1.5"):
-        model.language_model.check_policy(avl.Full(), ZIP)  # e.g. LLaVA-NeXT, Qwen-VL: their decoder gets it
+        model.language_model.check_policy(avl.Full(), ZIP)  # e.g. Qwen-VL: its decoder gets it
+
+
+def test_llava_next_refuses_visionzip_before_prefill(tmp_path):
+    from avl.inputs import check_policy
+    from tiny_llava import build_tiny_next_checkpoint
+
+    model = avl.load(build_tiny_next_checkpoint(tmp_path / "next"))
+    with pytest.raises(ValueError, match="selects the image features of the token sequence.*LLaVA-1.5"):
+        check_policy(model, avl.Full(), ZIP)
