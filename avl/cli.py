@@ -64,7 +64,8 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             kind = field_types(cls)[f.name]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(*_flags(name, f.name), dest=_dest(name, f.name), metavar=describe(kind).split()[0].upper(),
+            group.add_argument(*_flags(name, f.name), dest=_dest(name, f.name),
+                               metavar=describe(kind).split()[0].upper(),
                                help=f"{cls.__name__}.{f.name} ({describe(kind)}; default {default!r})"
                                .replace("%", "%%"))
 

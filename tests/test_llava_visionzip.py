@@ -37,7 +37,8 @@ def transformers_visionzip_embeds(hf, ids: list[int], image: torch.Tensor) -> to
     features = hf.model.multi_modal_projector(visionzip_select(out.hidden_states[-2], attention, 5, 3).features)
     start = ids.index(IMAGE_TOKEN)
     compact = ids[:start] + [IMAGE_TOKEN] * 8 + ids[start + 16:]
-    embeds = hf.model.get_input_embeddings()(torch.tensor([compact]).masked_fill(torch.tensor([compact]) == IMAGE_TOKEN, 0))
+    compact_ids = torch.tensor([compact])
+    embeds = hf.model.get_input_embeddings()(compact_ids.masked_fill(compact_ids == IMAGE_TOKEN, 0))
     embeds[0, start:start + 8] = features[0]
     return embeds
 

@@ -7,8 +7,8 @@ text_keep=0.5,1.0"`` (A-VL when no policy is named), ``"fastv: keep=0.25,0.5"``,
 Policy names and field names are those of :data:`avl.cache.registry.POLICIES` (the policies'
 dataclass fields, the same table as ``avl generate --policy``); ``none`` turns an optional part
 off, a tuple's items are separated by ``/`` (``"pyramiddrop: layers=8/16/24 keep=0.5,0.7"``), a
-policy-typed field takes ``name(field=value;...)`` (``"adakv: scorer=knorm(keep=0.3),snapkv"``). Combinations the policy rejects (e.g.
-``core > secondary``) are skipped with a note. ``--baselines`` adds :data:`BASELINES`.
+policy-typed field takes ``name(field=value;...)`` (``"adakv: scorer=knorm(keep=0.3),snapkv"``).
+Combinations the policy rejects (e.g. ``core > secondary``) are skipped with a note. ``--baselines`` adds :data:`BASELINES`.
 
 Each point runs into ``<out>/runs/<policy slug>/`` (so a sweep resumes like a single run), and the
 table goes to ``<out>/sweep.md`` / ``sweep.csv``, the plot to ``<out>/sweep.png`` (needs the

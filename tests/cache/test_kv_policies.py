@@ -102,7 +102,8 @@ def test_the_cache_holds_and_attends_exactly_each_heads_kept_rows(policy):
 
     batch, heads, kv_heads, length, dim, steps, scale = 2, 4, 2, 40, 8, 5, 8 ** -0.5
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(batch, h, length, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(batch, h, length, dim, generator=g, dtype=torch.float64)
+               for h in (heads, kv_heads, kv_heads))
     k[:, 0] *= 3  # AdaKV then gives the heads different counts
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[1, :9] = False  # left padding: sample 1 has 31 rows
