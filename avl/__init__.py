@@ -8,14 +8,19 @@
 """
 
 from avl.analysis import AttentionReport, analyze
+from avl.cache.kv_policies import AdaKV, KNorm, ObservedAttention, PyramidKV, RandomEviction, SnapKV
 from avl.cache.modal_cache import CacheStats, DecodeStep, LayerCache, ModalCache
 from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM
+from avl.cache.registry import POLICIES
+from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
+from avl.cache.visionzip import VisionZip
 from avl.generate import GenerationOutput, Timings, generate
 from avl.loading import load
 
 __all__ = [
     "AVL",
+    "AdaKV",
     "AttentionReport",
     "CacheStats",
     "DecodeStep",
@@ -24,12 +29,20 @@ __all__ = [
     "Full",
     "GenerationOutput",
     "H2O",
+    "KNorm",
     "LayerCache",
     "ModalCache",
+    "ObservedAttention",
+    "POLICIES",
     "Policy",
+    "PyramidDrop",
+    "PyramidKV",
+    "RandomEviction",
+    "SnapKV",
     "StreamingLLM",
     "Timings",
     "Trim",
+    "VisionZip",
     "analyze",
     "generate",
     "load",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 import torch
 
 from avl.analysis.cli import add_analyze_parser, run_analyze
-from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM, split_policy
-from avl.cache.trim import Trim
+from avl.cache.policies import FeaturePolicy, Policy, split_policy
+from avl.cache.registry import POLICIES, describe, field_types, parse_value
 from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
@@ -21,47 +22,54 @@ from avl.loading import DTYPES, load
 from avl.processing.auto import load_chat_processor
 from avl.weights import resolve_checkpoint
 
-POLICIES = ("full", "avl", "fastv", "h2o", "streaming", "trim")
+# the flags these fields had before the options were derived from the dataclasses (kept as aliases)
+LEGACY_FLAGS = {
+    ("avl", "secondary"): "--secondary", ("avl", "core"): "--core", ("avl", "refresh_every"): "--refresh-every",
+    ("avl", "prefill_keep"): "--prefill-keep", ("avl", "prefill_layer"): "--prefill-layer",
+    ("avl", "text_keep"): "--text-keep", ("h2o", "heavy_share"): "--heavy-share",
+    ("streaming", "sinks"): "--sinks", ("streaming", "window"): "--window",
+}
+
+
+def _flags(name: str, field: str) -> list[str]:
+    """The option strings of a policy field: the legacy flag first (if any), then `--<name>-<field>`."""
+    derived = f"--{name}-{field.replace('_', '-')}"
+    legacy = LEGACY_FLAGS.get((name, field))
+    return [legacy, derived] if legacy else [derived]
+
+
+def _dest(name: str, field: str) -> str:
+    return f"policy__{name}__{field}"
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy | FeaturePolicy:
-    """The policy named by --policy with its fields. Raises ValueError for another policy's field
-    or a bad value."""
-    fields = {
-        "avl": {"secondary": args.secondary, "core": args.core, "refresh_every": args.refresh_every,
-                "prefill_keep": args.prefill_keep, "text_keep": args.text_keep, "prefill_layer": args.prefill_layer},
-        "fastv": {"layer": args.fastv_layer, "keep": args.fastv_keep},
-        "h2o": {"budget": args.h2o_budget, "heavy_share": args.heavy_share},
-        "streaming": {"sinks": args.sinks, "window": args.window},
-        "trim": {"keep": args.trim_keep, "criterion": args.trim_criterion},
-    }
-    for name, values in fields.items():
-        stray = [k for k, v in values.items() if v is not None] if name != args.policy else []
+    """The policy named by --policy with the fields given as options. Raises ValueError for another
+    policy's field or a bad value."""
+    for name, cls in POLICIES.items():
+        if name == args.policy:
+            continue
+        stray = [f for f in field_types(cls) if getattr(args, _dest(name, f), None) is not None]
         if stray:
-            raise ValueError(f"--{stray[0].replace('_', '-')} belongs to --policy {name}, not --policy {args.policy}")
-    given = {k: v for k, v in fields.get(args.policy, {}).items() if v is not None}
-    cls = {"full": Full, "avl": AVL, "fastv": FastV, "h2o": H2O, "streaming": StreamingLLM, "trim": Trim}[args.policy]
+            raise ValueError(f"{_flags(name, stray[0])[0]} belongs to --policy {name}, not --policy {args.policy}")
+    cls = POLICIES[args.policy]
+    given = {f: parse_value(kind, text, f) for f, kind in field_types(cls).items()
+             if (text := getattr(args, _dest(args.policy, f), None)) is not None}
     return cls(**given)
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cache policy")
-    group.add_argument("--policy", choices=POLICIES, default="full")
-    group.add_argument("--secondary", type=float, help="A-VL S: image rows kept per layer (ratio)")
-    group.add_argument("--core", type=float, help="A-VL C: image rows computed per decode step (ratio)")
-    group.add_argument("--refresh-every", type=int, help="A-VL K: core refresh interval (steps)")
-    group.add_argument("--prefill-keep", type=float, help="A-VL P: image tokens kept after the prefill layer")
-    group.add_argument("--prefill-layer", type=int, help="A-VL: layer after which P prunes (default 2)")
-    group.add_argument("--text-keep", type=float, help="A-VL T: text rows kept (H2O budget ratio)")
-    group.add_argument("--fastv-layer", type=int, help="FastV K (default 2)")
-    group.add_argument("--fastv-keep", type=float,
-                       help="FastV: share of image tokens KEPT, 1 - R (default 0.5; FastV's R=75%% is 0.25)")
-    group.add_argument("--h2o-budget", type=float, help="H2O: rows kept (ratio, default 0.5)")
-    group.add_argument("--heavy-share", type=float, help="H2O: heavy-hitter share of the budget (default 0.25)")
-    group.add_argument("--sinks", type=int, help="StreamingLLM: sink rows (default 4)")
-    group.add_argument("--window", type=int, help="StreamingLLM: recent rows (default 256)")
-    group.add_argument("--trim-keep", type=float, help="Trim (Llama-3.2-Vision): image features kept (default 0.5)")
-    group.add_argument("--trim-criterion", choices=("sum", "head_union"), help="Trim: feature scoring (default head_union)")
+    """--policy and one option per field of every registered policy (`avl.cache.registry.POLICIES`)."""
+    group = parser.add_argument_group("cache policy", "each policy's fields, as its dataclass has them "
+                                      "(avl.cache.registry describes the value syntax)")
+    group.add_argument("--policy", choices=list(POLICIES), default="full")
+    for name, cls in POLICIES.items():
+        for f in dataclasses.fields(cls):
+            kind = field_types(cls)[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(*_flags(name, f.name), dest=_dest(name, f.name),
+                               metavar=describe(kind).split()[0].upper(),
+                               help=f"{cls.__name__}.{f.name} ({describe(kind)}; default {default!r})"
+                               .replace("%", "%%"))
 
 
 def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy | FeaturePolicy,

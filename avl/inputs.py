@@ -56,8 +56,11 @@ def check_policy(model: nn.Module, policy: object, feature_policy: object = None
     if feature_policy is not None and not isinstance(feature_policy, FeaturePolicy):
         _fail("feature_policy", feature_policy, f"a FeaturePolicy such as avl.Trim(...) or None, not a "
                                                 f"{type(feature_policy).__name__}")
+    own = getattr(model, "check_policy", None)  # a wrapper that applies a feature policy itself (LLaVA: VisionZip)
     language_model = getattr(model, "language_model", None)
-    if language_model is not None:
+    if own is not None:
+        own(policy, feature_policy)
+    elif language_model is not None:
         language_model.check_policy(policy, feature_policy)
 
 

@@ -1,5 +1,8 @@
 """Decode-step time and KV bytes of every cache policy against the full cache, side by side.
 
+The kvpress-pinned policies (SnapKV, PyramidKV, AdaKV, KNorm, ObservedAttention, Random) run at
+keep 0.5, the share H2O 50% keeps, so that stored bytes and step times compare at one retained share.
+
 Part 1 (measured): a Llama decoder with LLaVA-1.5-7B layer shapes (hidden 4096, 32 heads,
 head_dim 128, MLP 11008) but `--layers` layers (default 4) and random weights, on a prompt of
 1 system + 576 image + 40 text tokens (image rows are marked as such; the vision tower is not
@@ -47,8 +50,15 @@ POLICIES = {
     "fastv K2 R50": avl.FastV(layer=2, keep=0.5),
     "h2o 50%": avl.H2O(budget=0.5),
     "streaming 4+256": avl.StreamingLLM(sinks=4, window=256),
+    "snapkv 50%": avl.SnapKV(0.5),
+    "pyramidkv 50%": avl.PyramidKV(0.5),
+    "adakv(snapkv) 50%": avl.AdaKV(avl.SnapKV(0.5)),
+    "knorm 50%": avl.KNorm(0.5),
+    "observed 50%": avl.ObservedAttention(0.5),
+    "random 50%": avl.RandomEviction(0.5),
 }
-TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%")}
+TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%",
+                                            "snapkv 50%", "pyramidkv 50%", "adakv(snapkv) 50%")}
 # LLaVA-OneVision benchmark images, (height, width): COCO-sized (VQAv2, captioning), a TextVQA photo, a DocVQA page
 ONEVISION_IMAGES = {"coco 480x640": (480, 640), "textvqa 768x1024": (768, 1024), "docvqa 2200x1700": (2200, 1700)}
 

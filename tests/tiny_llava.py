@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import avl
+from avl.cache.kv_policies import AdaKV, KNorm, ObservedAttention, PyramidKV, RandomEviction, SnapKV
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # the reference fixtures in the repository
 
@@ -43,6 +44,13 @@ POLICIES = [
     avl.FastV(layer=1, keep=0.5),
     avl.H2O(budget=0.5),
     avl.StreamingLLM(sinks=2, window=8),
+    # the kvpress-pinned policies, with windows shorter than the tests' shortest prompt (23 rows)
+    SnapKV(0.5, window_size=4, kernel_size=3),
+    PyramidKV(0.5, window_size=4, kernel_size=3, beta=2),
+    AdaKV(SnapKV(0.5, window_size=4, kernel_size=3), alpha_safeguard=0.2),
+    KNorm(0.6),
+    ObservedAttention(0.5),
+    RandomEviction(0.5, seed=1),
 ]
 
 

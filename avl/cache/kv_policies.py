@@ -2,21 +2,25 @@
 ObservedAttention and RandomEviction.
 
 Each compresses every layer's prompt cache once, after that layer's prefill attention, and never
-evicts during decode (kvpress's behaviour). The cache calls one method, `prefill_keep(layer,
-num_layers, q, k, valid, scale)`, which returns the keep mask [B, Hkv, L] over the prompt rows
-(False on left padding). `keep` is the share of prompt rows kept, kvpress's `1 - compression_ratio`.
-The rules themselves are the functions of `avl.cache.scorers`; a scorer policy's `scores` is what
-AdaKV ranks. Until the cache calls `prefill_keep`, `check_layers` (which prefill calls first)
-refuses these policies rather than let a generation run silently uncompressed.
+evicts during decode (kvpress's behaviour: `Budget()`, every generated row kept). After each
+prefill layer's attention the cache calls `prompt_keep(layer, num_layers, q, k, valid, scale)`,
+which returns the keep mask [B, Hkv, L] over the prompt rows (False on left padding); every valid
+prompt row is evictable, none pinned (kvpress protects none). Heads may keep different counts
+(AdaKV) and layers different counts (PyramidKV): the cache's evictable region is as wide as the
+batch's largest head count plus the generation, a head's other slots are empty.
+`keep` is the share of prompt rows kept, kvpress's `1 - compression_ratio`. The rules themselves
+are the functions of `avl.cache.scorers`; a scorer policy's `scores` is what AdaKV ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from avl.cache.policies import Policy
+from avl.cache.layout import PromptLayout
+from avl.cache.policies import Policy, Role
 from avl.cache.scorers import (adakv_keep, kept_mask, knorm_scores, lengths_of, observed_attention_scores,
                                pyramidkv_budget, random_scores, snapkv_scores, topk_mask)
 
@@ -31,12 +35,6 @@ def _every_row(valid: Tensor, kv_heads: int) -> Tensor:
     return valid[:, None].expand(-1, kv_heads, -1).clone()
 
 
-def _not_wired(policy: Policy) -> None:
-    raise NotImplementedError(
-        f"{type(policy).__name__}: the cache does not call prefill_keep yet, so generating with this policy would "
-        "silently keep the full cache; its selection rule is usable as a function (prefill_keep) until then")
-
-
 def _check_int(name: str, value: object, minimum: int, odd: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (odd and value % 2 == 0):
         kind = "an odd integer" if odd else "an integer"
@@ -44,15 +42,24 @@ def _check_int(name: str, value: object, minimum: int, odd: bool = False) -> Non
 
 
 @dataclass(frozen=True)
-class PromptCompression(Policy):
-    """Base of the kvpress-pinned policies: what `prefill_keep` returns for each layer."""
+class PrefillCompression(Policy):
+    """Base of the kvpress-pinned policies: every valid prompt row evictable, chosen once per layer
+    by `prompt_keep`, and no eviction in decode (the base `Budget()`)."""
+
+    def roles(self, layout: PromptLayout) -> Tensor:
+        return torch.where(layout.valid, Role.EVICTABLE, Role.NONE)
+
+
+@dataclass(frozen=True)
+class PromptCompression(PrefillCompression):
+    """Base of the scorer policies: `keep` and what `prompt_keep` returns for each layer."""
 
     keep: float = 0.5
 
     def __post_init__(self) -> None:
         _check_keep(self.keep)
 
-    def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
+    def prompt_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """Keep mask [B, Hkv, L] of prefill `layer`'s prompt rows, from its q [B, Hq, L, D] (rotary
         applied), k [B, Hkv, L, D], valid [B, L] (left padding) and attention scale."""
         if self.keep == 1.0:
@@ -62,9 +69,6 @@ class PromptCompression(Policy):
     def scores(self, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """The rows' scores [B, Hkv, L] (higher = kept; -inf on padding)."""
         raise NotImplementedError
-
-    def check_layers(self, num_layers: int) -> None:
-        _not_wired(self)
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class PyramidKV(SnapKV):
         super().__post_init__()
         _check_int("beta", self.beta, 1)
 
-    def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
+    def prompt_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         if self.keep == 1.0:
             return _every_row(valid, k.shape[1])
         counts = [pyramidkv_budget(layer, num_layers, n, self.keep, self.window_size, self.beta)
@@ -136,7 +140,7 @@ class RandomEviction(PromptCompression):
 
 
 @dataclass(frozen=True)
-class AdaKV(Policy):
+class AdaKV(PrefillCompression):
     """AdaKV over a scorer policy: the same total as the scorer's `keep`, spread unevenly across
     heads, each head keeping at least `alpha_safeguard` of its share (`scorers.adakv_keep`).
     Heads then hold different numbers of rows.
@@ -160,10 +164,7 @@ class AdaKV(Policy):
     def keep(self) -> float:
         return self.scorer.keep
 
-    def check_layers(self, num_layers: int) -> None:
-        _not_wired(self)
-
-    def prefill_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
+    def prompt_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor, scale: float) -> Tensor:
         """Keep mask [B, Hkv, L]; the count kept differs between heads."""
         if self.keep == 1.0:
             return _every_row(valid, k.shape[1])

@@ -8,14 +8,16 @@ cache). It answers these questions; `build_layer_cache` applies them at prefill 
   secondary/core selection, or evictable under a `Budget`;
 - `image_counts(n_image)`: how many image rows each layer keeps (secondary) and computes (core);
 - `eviction()`: the `Budget` of the evictable rows;
-- `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer.
+- `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer;
+- `prompt_keep(layer, ...)`: each KV head's evictable prompt rows kept after a prefill layer's
+  attention, chosen from its queries and keys (the kvpress-pinned policies); None for the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,14 @@ class Policy:
         """Query rows [B, L] whose attention, summed, is the evictable rows' initial score."""
         return None
 
+    def prompt_keep(self, layer: int, num_layers: int, q: Tensor, k: Tensor, valid: Tensor,
+                    scale: float) -> Tensor | None:
+        """Keep mask [B, Hkv, L] of prefill `layer`'s prompt rows, per KV head (counts may differ
+        between heads and layers), from the layer's q [B, Hq, L, D] (rotary applied), k [B, Hkv, L, D],
+        valid [B, L] and attention scale; applied to the evictable rows. None: keep what the roles
+        and the budget keep."""
+        return None
+
     def check_layers(self, num_layers: int) -> None:
         """Raise if the policy names a layer the model does not have."""
 
@@ -96,8 +106,12 @@ class Policy:
 
 class FeaturePolicy:
     """Base of the policies that select image features before they enter the language model or
-    its cross-attention (`Trim`), composed with a sequence `Policy` at the call:
-    `generate(..., policy=..., feature_policy=...)`."""
+    its cross-attention (`Trim`, `VisionZip`), composed with a sequence `Policy` at the call:
+    `generate(..., policy=..., feature_policy=...)`. `in_sequence`: whether it selects the features
+    written into the token sequence (VisionZip: the model that applies it says so in its own
+    `check_policy`) rather than those of the cross-attention layers (Trim)."""
+
+    in_sequence: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -265,12 +279,15 @@ def build_layer_cache(
     image_scores: Tensor | None,
     evict_scores: Tensor | None,
     new_tokens: int,
+    prompt_keep: Tensor | None = None,
 ) -> LayerCache:
     """Compact one layer's prefill K/V [B, Hkv, L, D] into its `LayerCache`.
 
     image_scores [B, L]: head-mean attention of the last prompt token (needed when the policy
-    selects image rows); evict_scores [B, Hkv, L]: attention received from the scoring queries.
-    `new_tokens` sizes the evictable region for the whole generation.
+    selects image rows); evict_scores [B, Hkv, L]: attention received from the scoring queries;
+    prompt_keep [B, Hkv, L]: the policy's per-head choice of evictable rows (`Policy.prompt_keep`).
+    `new_tokens` sizes the evictable region for the whole generation: a head holds at most what it
+    kept plus one row per decode step, and at most what the budget allows.
     """
     b, heads, _, _ = k.shape
     roles = policy.roles(layout)
@@ -301,11 +318,14 @@ def build_layer_cache(
     seen = present[:, 0].sum(-1)  # [B]
     budget = policy.eviction()
     keep = present
+    if prompt_keep is not None:
+        keep = keep & prompt_keep.gather(2, evict_rows.clamp(min=0))
     if budget.evicts:
-        keep = keep_heavy_and_recent(present, order, score, *budget.counts(seen))
+        keep = keep_heavy_and_recent(keep, order, score, *budget.counts(seen))
     # one spare slot: a step's width then never spans the whole region, which compiled decode would
     # otherwise trace as a separate graph (a slice covering its tensor is specialised)
-    capacity = max(budget.capacity(int(s) + new_tokens) for s in seen) + 1
+    held = keep.sum(-1).amax(-1).tolist()  # [B] the largest head's kept rows
+    capacity = max(min(budget.capacity(int(s) + new_tokens), h + new_tokens) for s, h in zip(seen, held)) + 1
     grow = max(capacity - present.shape[2], 0)
     keep, evict_rows, order, score = (F.pad(x, (0, grow), value=fill) for x, fill in
                                       ((keep, False), (evict_rows, -1), (order, 0), (score, 0.0)))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from avl.cache.policies import FeaturePolicy
 from avl.models.clip import ClsAttention
 
 
@@ -44,9 +45,20 @@ class VisionZipSelection:
 
 
 @dataclass(frozen=True)
-class VisionZip:
+class VisionZip(FeaturePolicy):
     """VisionZip's settings: `dominant` tokens (CLS included) and `contextual` merged tokens per
-    image, from the vision layer `layer` (the layer LLaVA takes its features from, -2)."""
+    image, from the vision layer `layer` (the layer LLaVA takes its features from, -2).
+
+    A feature policy of LLaVA-1.5 (`generate(..., feature_policy=VisionZip())`): the processor
+    expands each image placeholder to the full patch count as usual, and the model compacts the
+    prompt in prefill: each image keeps its first `dominant + contextual` placeholder rows, which
+    receive the selected features (dominant, then contextual, projected), and the rest are dropped
+    before the language model, positions renumbered contiguously, as the release's shorter prompt
+    has them. The sequence policy then sees `dominant + contextual` image rows per image (its
+    ratios refer to that count).
+    """
+
+    in_sequence = True
 
     dominant: int = 54
     contextual: int = 10

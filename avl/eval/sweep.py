@@ -4,9 +4,11 @@ the task metric against the KV cache kept, one line per policy family.
 Grid syntax (``--grid``, repeatable): ``"[policy:] field=v1,v2 field=v ..."``, the cartesian
 product of the values, e.g. ``"secondary=0.3,0.5 core=0.1,0.2 refresh_every=3 prefill_keep=0.9
 text_keep=0.5,1.0"`` (A-VL when no policy is named), ``"fastv: keep=0.25,0.5"``, ``"full"``.
-Field names are the policy's dataclass fields (``avl.AVL``, ``avl.FastV``, ``avl.H2O``,
-``avl.StreamingLLM``); ``none`` turns an optional part off. Combinations the policy rejects (e.g.
-``core > secondary``) are skipped with a note. ``--baselines`` adds :data:`BASELINES`.
+Policy names and field names are those of :data:`avl.cache.registry.POLICIES` (the policies'
+dataclass fields, the same table as ``avl generate --policy``); ``none`` turns an optional part
+off, a tuple's items are separated by ``/`` (``"pyramiddrop: layers=8/16/24 keep=0.5,0.7"``), a
+policy-typed field takes ``name(field=value;...)`` (``"adakv: scorer=knorm(keep=0.3),snapkv"``).
+Combinations the policy rejects (e.g. ``core > secondary``) are skipped with a note. ``--baselines`` adds :data:`BASELINES`.
 
 Each point runs into ``<out>/runs/<policy slug>/`` (so a sweep resumes like a single run), and the
 table goes to ``<out>/sweep.md`` / ``sweep.csv``, the plot to ``<out>/sweep.png`` (needs the
@@ -23,21 +25,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM, split_policy
+from avl.cache.policies import FeaturePolicy, Policy, split_policy
+from avl.cache.registry import POLICIES, field_types, parse_value, policy_name
 from avl.eval.distributed import Dist
 from avl.eval.runner import EvalConfig, LoadedModel, evaluate, load_for_eval, print_summary
 from avl.inputs import check_policy
 
-__all__ = ["BASELINES", "POLICY_CLASSES", "parse_grid", "plot_sweep", "policy_label", "policy_slug", "run_sweep",
+__all__ = ["BASELINES", "parse_grid", "plot_sweep", "policy_label", "policy_slug", "run_sweep",
            "sweep_table"]
 
-POLICY_CLASSES: dict[str, type[Policy]] = {"full": Full, "avl": AVL, "fastv": FastV, "h2o": H2O,
-                                           "streaming": StreamingLLM}
 BASELINES = ("full", "fastv: keep=0.5", "h2o: budget=0.5", "streaming: sinks=4 window=256")
 
 
 def _family(policy: Policy) -> str:
-    return {cls: name for name, cls in POLICY_CLASSES.items()}.get(type(policy), type(policy).__name__.lower())
+    return policy_name(policy)
+
+
+def _text(value: Any, tuple_sep: str = "/") -> str:
+    """A field value as the grid writes it: a tuple `8/16/24` (`tuple_sep` between the items; a
+    folder name takes `_`), a policy `name(field=value;...)`."""
+    if isinstance(value, tuple):
+        return tuple_sep.join(map(str, value))
+    if isinstance(value, (Policy, FeaturePolicy)):
+        return f"{policy_name(value)}({';'.join(f'{n}={_text(v, tuple_sep)}' for n, v in _changed(value))})"
+    return str(value)
 
 
 def _changed(policy: Policy) -> list[tuple[str, Any]]:
@@ -52,22 +63,12 @@ def _changed(policy: Policy) -> list[tuple[str, Any]]:
 
 def policy_slug(policy: Policy) -> str:
     """A folder name: ``avl-secondary0.3-core0.1-...``, ``full``."""
-    return "-".join([_family(policy)] + [f"{name}{value}" for name, value in _changed(policy)])
+    return "-".join([_family(policy)] + [f"{name}{_text(value, '_')}" for name, value in _changed(policy)])
 
 
 def policy_label(policy: Policy) -> str:
     """A table label: ``avl secondary=0.3 core=0.1``."""
-    return " ".join([_family(policy)] + [f"{name}={value}" for name, value in _changed(policy)])
-
-
-def _convert(cls: type[Policy], name: str, text: str) -> Any:
-    if text.lower() == "none":
-        return None
-    kind = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
-    try:
-        return int(text) if kind.startswith("int") else float(text)
-    except ValueError as error:
-        raise ValueError(f"--grid: {name}={text!r} is not a number") from error
+    return " ".join([_family(policy)] + [f"{name}={_text(value)}" for name, value in _changed(policy)])
 
 
 def parse_grid(spec: str, default_policy: str = "avl") -> tuple[list[Policy], list[str]]:
@@ -77,10 +78,11 @@ def parse_grid(spec: str, default_policy: str = "avl") -> tuple[list[Policy], li
     if name is None:
         name = tokens.pop(0) if tokens and "=" not in tokens[0] else default_policy
     name = name.strip().lower()
-    if name not in POLICY_CLASSES:
-        raise ValueError(f"--grid {spec!r}: unknown policy {name!r}; known: {', '.join(POLICY_CLASSES)}")
-    cls = POLICY_CLASSES[name]
-    allowed = [f.name for f in dataclasses.fields(cls)]
+    if name not in POLICIES:
+        raise ValueError(f"--grid {spec!r}: unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    cls = POLICIES[name]
+    kinds = field_types(cls)
+    allowed = list(kinds)
     axes: dict[str, list[Any]] = {}
     for token in tokens:
         key, sep, values = token.partition("=")
@@ -89,7 +91,10 @@ def parse_grid(spec: str, default_policy: str = "avl") -> tuple[list[Policy], li
         if key not in allowed:
             raise ValueError(f"--grid {spec!r}: {name} has no field {key!r}; "
                              f"its fields: {', '.join(allowed) or 'none'}")
-        axes[key] = [_convert(cls, key, v) for v in values.split(",")]
+        try:
+            axes[key] = [parse_value(kinds[key], v, key, tuple_sep="/") for v in values.split(",")]
+        except ValueError as error:
+            raise ValueError(f"--grid: {error}") from None
     policies: list[Policy] = []
     skipped: list[str] = []
     for combo in itertools.product(*axes.values()):

@@ -93,6 +93,9 @@ class CachedDecoder(nn.Module):
     def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
         """Raise if the policies cannot run on this model (a layer it lacks, a feature policy it has no use for)."""
         policy.check_layers(len(self.layers))
+        if feature_policy is not None and feature_policy.in_sequence:
+            raise ValueError(f"feature_policy={feature_policy!r} selects the image features of the token sequence, "
+                             "which this model family does not support; allowed: LLaVA-1.5 (model_type 'llava')")
         if feature_policy is not None and not any(isinstance(b, CrossAttentionBlock) for b in self.layers):
             raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
                              "but this model has none (its image tokens are in the sequence, e.g. LLaVA); use it with "
@@ -126,7 +129,9 @@ class CachedDecoder(nn.Module):
             scored = policy.needs_image_scores(i) or self.observer is not None
             image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            self_cache = build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens)
+            prompt_keep = policy.prompt_keep(i, len(self.layers), q, k, layout.valid, attn.scale)
+            self_cache = build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens,
+                                           prompt_keep)
             if self.observer is not None:
                 self.observer.prefill(i, layout, image_scores)
                 self_cache.observer = partial(self.observer.decode, i)

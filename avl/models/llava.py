@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avl.cache.layout import PromptLayout
+from avl.cache.layout import PromptLayout, packed_index
 from avl.cache.modal_cache import DecodeStep, ModalCache
 from avl.cache.policies import FeaturePolicy, Policy
+from avl.cache.visionzip import VisionZip
 from avl.models.clip import ClipVisionConfig, ClipVisionTower
 from avl.models.config import require
 from avl.models.llama import LlamaConfig, LlamaModel
@@ -108,10 +109,9 @@ class Llava(nn.Module):
             hidden = hidden[:, 1:]  # drop CLS
         return self.multi_modal_projector(hidden)
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Token embeddings with image features written at the image-token positions, and that mask."""
-        image_mask = input_ids == self.config.image_token_index  # [B, L]
-        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+    def check_image_tokens(self, image_mask: Tensor, pixel_values: Tensor | None) -> int:
+        """Raise unless the prompt's image tokens (image_mask [B, L]) are one full expansion per image;
+        returns the number of images."""
         n_slots = int(image_mask.sum())
         if pixel_values is not None:
             self.vision_tower.check_pixels(pixel_values)
@@ -123,15 +123,62 @@ class Llava(nn.Module):
                 f"give {n_images * per_image} features ({per_image} per image): expand each image placeholder to "
                 f"{per_image} image tokens, one per image"
             )
+        return n_images
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Token embeddings with image features written at the image-token positions, and that mask."""
+        image_mask = input_ids == self.config.image_token_index  # [B, L]
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        n_images = self.check_image_tokens(image_mask, pixel_values)
         if n_images:
             features = self.image_features(pixel_values).to(embeds.dtype).flatten(0, 1)  # [N * P, C]
             embeds = embeds.masked_scatter(image_mask[..., None], features)
         return embeds, image_mask
 
+    applies_visionzip: ClassVar[bool] = True  # whether `prefill` applies VisionZip (LLaVA-NeXT's does not)
+
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Raise if the policies cannot run on this model; VisionZip is applied here, before the
+        language model, so only the sequence policy goes on to it."""
+        if isinstance(feature_policy, VisionZip) and self.applies_visionzip:
+            tokens = self.config.vision.num_patches + 1
+            if feature_policy.dominant + feature_policy.contextual > tokens:
+                raise ValueError(f"{feature_policy!r} keeps {feature_policy.dominant + feature_policy.contextual} "
+                                 f"tokens of an image, which has {tokens} (CLS + patches); allowed: dominant + "
+                                 f"contextual <= {tokens}")
+            feature_policy = None
+        self.language_model.check_policy(policy, feature_policy)
+
+    def visionzip_prompt(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
+                         visionzip: VisionZip) -> tuple[Tensor, Tensor, Tensor]:
+        """The prompt compacted to VisionZip's tokens: (input_ids, attention_mask [B, L'], left-padded,
+        and the projected features [N, dominant + contextual, C]). Each image keeps its first
+        `dominant + contextual` placeholder rows; the others are dropped."""
+        self.vision_tower.check_pixels(pixel_values)
+        hidden, attention = self.vision_tower(pixel_values, visionzip.layer, cls_attention=True)
+        features = self.multi_modal_projector(visionzip.select(hidden, attention).features)
+        image = input_ids == self.config.image_token_index
+        kept = features.shape[1]
+        within = (image.long().cumsum(-1) - 1) % self.config.image_tokens_per_image  # row number inside its image
+        index = packed_index(attention_mask.bool() & (~image | (within < kept)))  # [B, L']
+        ids = input_ids.gather(1, index.clamp(min=0)).masked_fill(index < 0, 0)
+        return ids, (index >= 0).long(), features
+
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
                 new_tokens: int, feature_policy: FeaturePolicy | None = None) -> tuple[Tensor, ModalCache]:
-        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps."""
-        embeds, image_mask = self.embed(input_ids, pixel_values)
+        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps.
+        With `feature_policy=VisionZip(...)` the prompt is first compacted to its tokens (`visionzip_prompt`)."""
+        if isinstance(feature_policy, VisionZip) and pixel_values is not None:
+            self.check_image_tokens(input_ids == self.config.image_token_index, pixel_values)
+            input_ids, attention_mask, features = self.visionzip_prompt(input_ids, attention_mask, pixel_values,
+                                                                        feature_policy)
+            image_mask = input_ids == self.config.image_token_index
+            embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
+            embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype).flatten(0, 1))
+        else:
+            embeds, image_mask = self.embed(input_ids, pixel_values)
+        if isinstance(feature_policy, VisionZip):
+            feature_policy = None
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
         return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
 

@@ -169,6 +169,7 @@ class LlavaNext(Llava):
     """LLaVA-NeXT (llava-hf layout). `prefill` takes `image_sizes` [N_images, 2] (height, width)."""
 
     key_map = LLAVA_NEXT_KEY_MAP
+    applies_visionzip = False  # anyres tiles: VisionZip is LLaVA-1.5's only
 
     def __init__(self, cfg: LlavaNextConfig) -> None:
         super().__init__(cfg)

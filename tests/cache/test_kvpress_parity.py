@@ -63,7 +63,7 @@ def test_keep_mask_equals_kvpress(reference, name, ratio, prompt):
     for layer in range(LAYERS):
         q, k = tensors[f"q/{attn}/{prompt}/{layer}"], tensors[f"k/{attn}/{prompt}/{layer}"]
         valid = torch.ones(1, k.shape[2], dtype=torch.bool)
-        got = policy.prefill_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
+        got = policy.prompt_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
         expected = tensors[f"keep/{name}/{ratio}/{prompt}/{layer}"]
         assert got.shape == expected.shape
         assert torch.equal(got, expected), f"layer {layer}: {(got != expected).sum()} rows differ"
@@ -97,7 +97,7 @@ def test_a_left_padded_batch_keeps_what_each_prompt_keeps_alone(reference, name)
                                                dtype=x.dtype) * 10, x], dim=2)  # loud garbage in the padding
         q, k = torch.cat([pad(x) for x in qs]), torch.cat([pad(x) for x in ks])
         valid = torch.stack([torch.arange(width) >= width - x.shape[2] for x in ks])
-        got = policy.prefill_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
+        got = policy.prompt_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
         for b, prompt in enumerate(("a", "b")):
             n = ks[b].shape[2]
             assert not got[b, :, : width - n].any()
@@ -107,7 +107,7 @@ def test_a_left_padded_batch_keeps_what_each_prompt_keeps_alone(reference, name)
 def avl_llama_layer_inputs(metadata, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The tiny Llama of the fixture rebuilt here (same seed and draws as make_reference.py, with this
     environment's transformers), loaded into avl's LlamaModel; each layer's q, k as avl's prefill
-    computes them (what the cache integration will hand to `prefill_keep`)."""
+    computes them (what the cache hands to `prompt_keep`)."""
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
     from avl.models.layers import prefill_attention
@@ -155,5 +155,5 @@ def test_avls_own_prefill_queries_and_keys_give_kvpress_decisions(reference, avl
             torch.testing.assert_close(k, tensors[f"k/sdpa/{prompt}/{layer}"], rtol=0, atol=1e-4)
             for ratio, keep in KEEP.items():
                 valid = torch.ones(1, k.shape[2], dtype=torch.bool)
-                got = POLICIES[name](keep).prefill_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
+                got = POLICIES[name](keep).prompt_keep(layer, LAYERS, q, k, valid, q.shape[-1] ** -0.5)
                 assert torch.equal(got, tensors[f"keep/{name}/{ratio}/{prompt}/{layer}"])

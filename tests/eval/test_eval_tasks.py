@@ -143,8 +143,8 @@ def test_grid_is_a_cartesian_product_and_skips_invalid_combinations():
     assert policy_label(AVL(0.5, 0.25, 3)) == "avl secondary=0.5 core=0.25 refresh_every=3"
     with pytest.raises(ValueError, match="fastv has no field 'secondary'; its fields: layer, keep"):
         parse_grid("fastv: secondary=0.5")
-    with pytest.raises(ValueError, match="unknown policy 'snapkv'"):
-        parse_grid("snapkv: budget=0.5")
+    with pytest.raises(ValueError, match="unknown policy 'snapkvv'"):
+        parse_grid("snapkvv: budget=0.5")
     with pytest.raises(ValueError, match="the sweep has no valid policy"):
         sweep_policies(["secondary=0.1 core=0.5 refresh_every=2"], baselines=False)
 
