@@ -13,7 +13,9 @@ The model has LLaVA-1.5-7B's decoder layer shapes (hidden 4096, 32 heads of 128,
 vocabulary 32000) with `--layers` layers; the prompt is 1 system token, `--image-tokens` image
 rows (576: LLaVA-1.5, 2880: LLaVA-1.6) and 40 text tokens, as embeddings (the vision tower is not
 part of decode). Each method prefills at batch 1 (timed: time to first token); its cache is
-repeated to each batch size. Also measured: avl's step at `max_new_tokens` 32 vs 4096 at equal
+repeated to each batch size. "[attention]" rows time only the cache's part of avl's step (every
+layer's `LayerCache.step` on random q/k/v, against avl full's): on a CPU the 7B layers' weights
+dominate a step at small batch, and these rows show what the policy changes. Also measured: avl's step at `max_new_tokens` 32 vs 4096 at equal
 tokens so far, and A-VL's core steps vs its refresh steps (with the rows each reads). A
 configuration whose caches would not fit in `--memory-gb` is skipped and listed.
 
@@ -108,6 +110,24 @@ def hf_method(name: str, hf, cache, token: Tensor, batch: int, rows_of) -> Metho
     return Method(name, step, lambda: rows_of(cache))
 
 
+def attention_method(name: str, cache: avl.ModalCache, batch: int, dtype: torch.dtype) -> Method:
+    """Only the cache's part of a decode step (`LayerCache.step` of every layer: append, attend,
+    update) on random q/k/v, on its own copy of the cache: what a policy changes in the step."""
+    cache = cache.repeat_interleave(batch)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, 32, 1, 128, generator=g).to(dtype) for _ in range(3))
+    method = Method(name, lambda: None, lambda: cache.stats().total.used_rows / batch)
+
+    def step() -> None:
+        plan = cache.next_step()
+        method.kinds.append("refresh" if plan.refresh else "core")
+        for layer, width in zip(cache.layers, plan.widths):
+            layer.step(q, k, v, 128**-0.5, plan.refresh, width)
+
+    method.step = step
+    return method
+
+
 def avl_method(name: str, model: LlamaModel, cache: avl.ModalCache, token: Tensor, batch: int) -> Method:
     cache = cache.repeat_interleave(batch)
     state = {"token": token.repeat(batch)}
@@ -182,13 +202,15 @@ def measure(dtype: torch.dtype, n_image: int, args: argparse.Namespace, kvpress)
         if snap is not None:
             methods.append(hf_method("kvpress SnapKV 50%", hf, snap[0], snap[1], batch, dynamic_rows))
         methods += [avl_method(name, model, cache, token, batch) for name, (cache, token) in caches.items()]
+        methods += [attention_method(f"{name} [attention]", cache, batch, dtype) for name, (cache, _) in caches.items()]
         run_round_robin(methods, args.warmup, args.steps)
-        full = next(m for m in methods if m.name == "avl full")
         base = methods[0]
         for m in methods:
+            attention = m.name.endswith("[attention]")
+            full = next(f for f in methods if f.name == ("avl full [attention]" if attention else "avl full"))
             ms = 1e3 * statistics.median(m.times)
             row = {"batch": batch, "method": m.name, "step_ms": ms,
-                   "vs_transformers": ms / (1e3 * statistics.median(base.times)),
+                   "vs_transformers": None if attention else ms / (1e3 * statistics.median(base.times)),
                    "vs_avl_full": ms / (1e3 * statistics.median(full.times)), "rows_last_step": m.rows()}
             if m.kinds and "refresh" in m.kinds:
                 by = {k: [t for t, kind in zip(m.times, m.kinds) if kind == k] for k in ("core", "refresh")}
@@ -211,12 +233,13 @@ def print_result(r: dict) -> None:
     base = r["prefill_ms"]["transformers sdpa"]
     for name, ms in r["prefill_ms"].items():
         print(f"  {name:<30} {ms:>9.0f}  {ms / base:>5.2f}x transformers")
-    print(f"{'batch':>5} {'method':<30} {'step ms':>9} {'/transf.':>9} {'/avl full':>9} {'rows read':>10}")
+    print(f"{'batch':>5} {'method':<42} {'step ms':>9} {'/transf.':>9} {'/avl full':>9} {'rows read':>10}")
     for d in r["decode"]:
         extra = ""
         if "core_step_ms" in d:
             extra = f"   core {d['core_step_ms']:.0f} ms, refresh {d['refresh_step_ms']:.0f} ms"
-        print(f"{d['batch']:>5} {d['method']:<30} {d['step_ms']:>9.1f} {d['vs_transformers']:>9.2f}"
+        vs = "" if d["vs_transformers"] is None else f"{d['vs_transformers']:.2f}"
+        print(f"{d['batch']:>5} {d['method']:<42} {d['step_ms']:>9.1f} {vs:>9}"
               f" {d['vs_avl_full']:>9.2f} {d['rows_last_step']:>10.0f}{extra}")
     for c in r["capacity"]:
         print(f"      {c['method']:<36} {c['step_ms']:>9.1f} ms")

@@ -4,16 +4,18 @@ The index list is split into column runs. A *dense* run is a block of columns wh
 for every (batch, kv head), either skipped or ``base + column`` for one shared ``base``: rows that
 lie back to back in every head's cache (a cache's system rows, its evictable region). Those are
 read in place through a strided view, one ``bmm`` per run and pass, at the speed of dense
-attention. The other columns (a scattered core set) are *gathered* in chunks of ``chunk_rows``
-entries into one reused buffer ``[B * Hkv * chunk, D]``:
+attention. A run of other columns whose entries all lie within a block of rows at most 2.5 times
+as wide (a core set inside its secondary rows) is read as that block, its logits picked out and its
+probabilities scattered back: on CPU that costs less than gathering. The remaining columns are
+*gathered* in chunks of ``chunk_rows`` entries into one reused buffer ``[B * Hkv * chunk, D]``:
 
 1. K pass: ``logits = q . k`` per run (accumulation dtype), into one ``[B * Hkv, G, M]`` buffer.
 2. Scale, ``-inf`` at skipped entries, softmax in place: the logits become ``probs``.
 3. V pass: ``out += probs_run @ v_run`` per run (``baddbmm_``).
 
-A dense run reads its skipped rows too (their probability is 0); if such a row holds a non-finite
-value the product is not finite, and the call falls back to gathering every column, so skipped rows
-never change the result. Few, large ops matter on CPU: every op is a parallel region.
+Dense runs and blocks read rows that are skipped or not listed (their probability is 0); if such a
+row holds a non-finite value the product is not finite, and the call falls back to gathering every
+column, so those rows never change the result. Few, large ops matter on CPU: every op is a parallel region.
 
 Rows are gathered with ``index_select`` on a ``[rows, D]`` strided view of the cache storage (row
 ``r`` starts at element offset ``r``; the offset of cache row ``(b, h, n)`` is ``b*s0 + h*s1 + n*s2``).
@@ -33,6 +35,7 @@ import torch
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK = 16
 _MIN_DENSE = 16  # shortest run of consecutive rows read in place rather than gathered
+_SPAN_RATIO = 2.5  # a gathered run is read as the block of rows holding it when that is at most this much wider
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,11 +61,14 @@ def _row_offsets(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torc
 
 @dataclass(frozen=True)
 class _Run:
-    """Columns [start, stop) of the index list; `base` >= 0: dense (rows base + j - start), -1: gathered."""
+    """Columns [start, stop) of the index list; `base` >= 0: dense (rows base + j - start), -1: gathered,
+    or, when `span` > 0, read as the block of rows [low, low + span) that holds all its entries."""
 
     start: int
     stop: int
     base: int
+    low: int = 0
+    span: int = 0
 
 
 def _column_runs(idx: torch.Tensor, valid: torch.Tensor, n_rows: int) -> list[_Run]:
@@ -93,6 +99,24 @@ def _column_runs(idx: torch.Tensor, valid: torch.Tensor, n_rows: int) -> list[_R
         else:
             runs.append(_Run(start, stop, base))
     return runs
+
+
+def _with_spans(runs: list[_Run], idx: torch.Tensor, valid: torch.Tensor) -> list[_Run]:
+    """Gathered runs whose entries all lie in a block of at most _SPAN_RATIO times as many rows
+    (a core set inside its secondary rows) are read as that block: on CPU a dense read of the
+    block costs less than gathering the entries one by one."""
+    out = []
+    for run in runs:
+        if run.base < 0:
+            cols = valid[:, :, run.start:run.stop]
+            if bool(cols.any()):
+                entries = idx[:, :, run.start:run.stop]
+                low = int(torch.where(cols, entries, entries.new_tensor(2**62)).min())
+                high = int(torch.where(cols, entries, -1).max())
+                if high - low + 1 <= _SPAN_RATIO * (run.stop - run.start):
+                    run = _Run(run.start, run.stop, -1, low, high - low + 1)
+        out.append(run)
+    return out
 
 
 def gathered_attention_torch(
@@ -133,7 +157,7 @@ def gathered_attention_torch(
     chunk = max(1, int(chunk_rows))
     idx = idx.to(torch.int64)
     valid = (idx >= 0) & (idx < N)  # [B, Hkv, M]
-    runs = _column_runs(idx, valid, N) if dense_runs else [_Run(0, M, -1)]
+    runs = _with_spans(_column_runs(idx, valid, N), idx, valid) if dense_runs else [_Run(0, M, -1)]
     safe = torch.where(valid, idx, 0)
     k_rows, k_offs = _row_offsets(k, safe)  # [Lk, D], [BH, M] after the view below
     v_rows, v_offs = _row_offsets(v, safe)
@@ -156,6 +180,12 @@ def gathered_attention_torch(
     # K pass: logits of every run.
     logits = torch.empty(BH, G, M, dtype=acc, device=q.device)  # [BH, G, M]
     for run in runs:
+        if run.span:
+            block = k[:, :, run.low:run.low + run.span].reshape(BH, run.span, D).to(acc)
+            span_logits = torch.bmm(qg, block.transpose(1, 2))  # [BH, G, span]
+            at = (safe.view(BH, M)[:, run.start:run.stop] - run.low).clamp(0, run.span - 1)  # [BH, c]
+            logits[:, :, run.start:run.stop] = span_logits.gather(2, at[:, None].expand(-1, G, -1))
+            continue
         for c0, c1, kc in pieces(run, k, k_rows, k_offs):
             logits[:, :, c0:c1] = torch.bmm(qg, kc.transpose(1, 2))  # [BH, G, c]
     logits.mul_(scale).masked_fill_(~flat_valid.unsqueeze(1), float("-inf"))
@@ -172,10 +202,17 @@ def gathered_attention_torch(
     any_skipped = not bool(valid.all())
     out = torch.zeros(BH, G, D, dtype=acc, device=q.device)  # [BH, G, D]
     for run in runs:
+        if run.span:
+            at = (safe.view(BH, M)[:, run.start:run.stop] - run.low).clamp(0, run.span - 1)  # [BH, c]
+            weights = torch.zeros(BH, G, run.span, dtype=acc, device=q.device)
+            weights.scatter_add_(2, at[:, None].expand(-1, G, -1), probs[:, :, run.start:run.stop])  # skipped: p = 0
+            out.baddbmm_(weights, v[:, :, run.low:run.low + run.span].reshape(BH, run.span, D).to(acc))
+            continue
         for c0, c1, vc in pieces(run, v, v_rows, v_offs):
             if any_skipped and run.base < 0:
                 vc = vc.masked_fill(~flat_valid[:, c0:c1, None], 0.0)
             out.baddbmm_(probs[:, :, c0:c1], vc)  # [BH, G, D]
-    if any_skipped and any(run.base >= 0 for run in runs) and not bool(torch.isfinite(out).all()):
+    reads_unlisted = any(run.base >= 0 or run.span for run in runs)  # rows whose probability is 0 were read
+    if (any_skipped or any(run.span for run in runs)) and reads_unlisted and not bool(torch.isfinite(out).all()):
         return gathered_attention_torch(q, k, v, idx, scale, chunk_rows, dense_runs=False)  # a skipped row was not finite
     return out.view(B, Hq, 1, D).to(q.dtype), probs.view(B, Hq, M)
