@@ -30,7 +30,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy | FeaturePolicy:
                 "prefill_keep": args.prefill_keep, "text_keep": args.text_keep, "prefill_layer": args.prefill_layer},
         "fastv": {"layer": args.fastv_layer, "keep": args.fastv_keep},
         "h2o": {"budget": args.h2o_budget, "heavy_share": args.heavy_share},
-        "streaming": {"sinks": args.sinks, "window": args.window},
+        "streaming": {"sinks": args.sinks, "window": args.window, "positions": args.positions},
         "trim": {"keep": args.trim_keep, "criterion": args.trim_criterion},
     }
     for name, values in fields.items():
@@ -58,6 +58,9 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heavy-share", type=float, help="H2O: heavy-hitter share of the budget (default 0.25)")
     group.add_argument("--sinks", type=int, help="StreamingLLM: sink rows (default 4)")
     group.add_argument("--window", type=int, help="StreamingLLM: recent rows (default 256)")
+    group.add_argument("--positions", choices=("shifted", "original"),
+                       help="StreamingLLM: rotary positions inside the cache (default shifted, the original's "
+                            "pos_shift) or the rows' own")
     group.add_argument("--trim-keep", type=float, help="Trim (Llama-3.2-Vision): image features kept (default 0.5)")
     group.add_argument("--trim-criterion", choices=("sum", "head_union"), help="Trim: feature scoring (default head_union)")
 
