@@ -43,6 +43,7 @@ POLICIES = [
     avl.FastV(layer=1, keep=0.5),
     avl.H2O(budget=0.5),
     avl.StreamingLLM(sinks=2, window=8),
+    avl.StreamingLLM(sinks=2, window=8, positions="original"),
 ]
 
 

@@ -388,7 +388,7 @@ class ModalCache:
 
     layers: list[LayerCache | CrossLayerCache | None]
     policy: object  # the `Policy` the cache was built for (typed loosely: policies import this module)
-    next_position: Tensor  # [B] rotary position of the next token
+    next_position: Tensor  # [B] original position of the next token (the rotary one unless positions are shifted)
     full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
     new_tokens: int  # decode steps the capacity was sized for
     rotary_state: Tensor | None = None

@@ -7,9 +7,9 @@ A family's language model subclasses `CachedDecoder` and provides `embed_tokens`
 The pair `(a, b)` that `rotary` returns is opaque to the loop and goes to the rotations as is: cos
 and sin for Llama; Qwen's rotary table and logn query scale. A policy that `shifts_positions`
 (StreamingLLM's pos_shift) caches the keys unrotated, and each decode step rotates the rows it
-attends at their index inside the cache through the same hooks (`decode_rotary` per row). A cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads
-image features in prefill and its `CrossLayerCache` in decode. The cache policies then work on
-every family unchanged.
+attends at their index inside the cache through the same hooks (`decode_rotary` per row). A
+cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads image features in
+prefill and its `CrossLayerCache` in decode. The cache policies then work on every family unchanged.
 """
 
 from __future__ import annotations
