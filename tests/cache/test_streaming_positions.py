@@ -137,3 +137,17 @@ def test_positions_is_validated():
     with pytest.raises(ValueError, match="positions='rope'.*allowed: 'shifted'.*'original'"):
         avl.StreamingLLM(positions="rope")
     assert avl.StreamingLLM().positions == "shifted"
+
+
+def test_a_shifted_cache_refuses_a_step_without_its_rotation():
+    from avl.cache.layout import Modality, PromptLayout
+    from avl.cache.policies import build_layer_cache
+
+    layout = PromptLayout.from_prompt(torch.zeros(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.long))
+    k, v = torch.randn(2, 1, 2, 6, 4)
+    cache = build_layer_cache(avl.StreamingLLM(sinks=1, window=2), layout, k, v, layout.count(Modality.IMAGE),
+                              None, None, new_tokens=2)
+    assert cache.shifted and torch.equal(cache.k[:, :, 0], k[:, :, 0])  # the sink, unrotated as given
+    q, k_new, v_new = torch.randn(3, 1, 2, 1, 4)
+    with pytest.raises(ValueError, match="holds unrotated keys.*needs `rotate`"):
+        cache.step(q, k_new, v_new, 0.5, False, cache.live.shape[2] - 1)
