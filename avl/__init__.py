@@ -4,18 +4,23 @@
     model = avl.load("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)
     out = avl.generate(model, input_ids, pixel_values=pixels, policy=avl.AVL(0.45, 0.30, 3, 0.9, 0.5))
     out.tokens, out.stats.table()
+    report = avl.analyze(model, input_ids, pixel_values=pixels)  # modal shares, concentration, PPCI
 """
 
-from avl.cache.modal_cache import CacheStats, LayerCache, ModalCache
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
+from avl.analysis import AttentionReport, analyze
+from avl.cache.modal_cache import CacheStats, DecodeStep, LayerCache, ModalCache
+from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM
 from avl.cache.trim import Trim
-from avl.generate import GenerationOutput, generate
+from avl.generate import GenerationOutput, Timings, generate
 from avl.loading import load
 
 __all__ = [
     "AVL",
+    "AttentionReport",
     "CacheStats",
+    "DecodeStep",
     "FastV",
+    "FeaturePolicy",
     "Full",
     "GenerationOutput",
     "H2O",
@@ -23,7 +28,9 @@ __all__ = [
     "ModalCache",
     "Policy",
     "StreamingLLM",
+    "Timings",
     "Trim",
+    "analyze",
     "generate",
     "load",
 ]

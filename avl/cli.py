@@ -1,4 +1,5 @@
-"""Command line: `avl generate` (a checkpoint, an image, a prompt), `avl demo` (no downloads), `avl eval`."""
+"""Command line: `avl generate` (a checkpoint, an image, a prompt), `avl demo` (no downloads), `avl eval`,
+`avl analyze` (attention analysis)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from avl.analysis.cli import add_analyze_parser, run_analyze
 from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, StreamingLLM, split_policy
 from avl.cache.trim import Trim
 from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
@@ -91,7 +93,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `avl` command line: `generate`, `demo`, `eval`."""
+    """The `avl` command line: `generate`, `demo`, `eval`, `analyze`."""
     parser = OneLineErrorParser(prog="avl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "are replaced)")
     demo.add_argument("--prompt", default="What is shown in this image?")
     add_eval_parser(commands)
+    add_analyze_parser(commands)
 
     for sub in (gen, demo):
         sub.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -124,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         sys.exit(run_eval(args))
-    status = run_reporting_errors(f"avl {args.command}", args, lambda: _run(args))
+    if args.command == "analyze":
+        status = run_analyze(args)
+    else:
+        status = run_reporting_errors(f"avl {args.command}", args, lambda: _run(args))
     if status:
         sys.exit(status)
 

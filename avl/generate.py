@@ -103,6 +103,7 @@ def generate(
     [N_images, 3, H, W] in the order the image placeholders appear. `image_inputs` are the other
     image tensors of a family, by transformers' names, as its processor returns them: LLaVA-NeXT's
     `image_sizes` [N_images, 2] (height, width, with pixel_values [N_images, tiles, 3, H, W]);
+    LLaVA-OneVision's `image_sizes` and `batch_num_images` (the images of each prompt that has any);
     Llama-3.2-Vision's `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`.
     `policy` (default `Full()`) decides what the cache keeps; `feature_policy` (e.g. `Trim`) which
     image features enter the cross-attention layers of a model that has them. With `compile=True`

@@ -30,7 +30,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,10 +60,10 @@ LLAMA_32_11B_VISION = {
     },
 }
 
-POLICIES: dict[str, Policy] = {
-    "full": Full(),
-    "trim 50% (sum)": Trim(keep=0.5),
-    "trim 50% + AVL text 50%": Trim(keep=0.5, text=AVL(text_keep=0.5)),
+POLICIES: dict[str, tuple[Policy, Trim | None]] = {  # (sequence policy, feature policy)
+    "full": (Full(), None),
+    "trim 50% (sum)": (Full(), Trim(keep=0.5, criterion="sum")),
+    "trim 50% + AVL text 50%": (AVL(text_keep=0.5), Trim(keep=0.5, criterion="sum")),
 }
 TIMED = ("full", "trim 50% (sum)")
 SYSTEM = 5  # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n before <|image|>
@@ -105,15 +105,9 @@ def random_text_model(cfg: MllamaTextConfig, dtype: torch.dtype, device: torch.d
 
 
 def repeat_batch(cache: ModalCache, batch: int) -> ModalCache:
-    """One prompt's cache repeated for `batch` identical prompts (saves minutes of CPU prefill)."""
-    def rep(x: Tensor) -> Tensor:
-        return x.repeat_interleave(batch, dim=0) if x.dim() else x.clone()
-
-    def rep_all(obj):
-        return type(obj)(**{f.name: rep(getattr(obj, f.name)) for f in fields(obj)})
-
-    return ModalCache([rep_all(c) for c in cache.layers], rep(cache.next_position), rep(cache.full_rows),
-                      [rep_all(c) for c in cache.cross])
+    """The cache of one prompt, repeated for `batch` identical prompts (the prefill at batch 1 is
+    what a batch of equal prompts would build; it saves minutes of CPU prefill)."""
+    return cache.repeat_interleave(batch)
 
 
 # ---------------------------------------------------------------- part 1: KV bytes of the real config
@@ -141,10 +135,11 @@ def _real_kv_bytes(text_tokens: int, new_tokens: int) -> list[dict]:
     embeds = torch.randn(1, layout.modality.shape[1], tiny.hidden_size, generator=g)
     out = []
     for name, policy in POLICIES.items():
-        logits, cache = model.prefill(embeds, layout, policy, new_tokens, image_context(features, text_mask))
+        logits, cache = model.prefill(embeds, layout, policy[0], new_tokens - 1, image_context(features, text_mask),
+                                      policy[1])
         token = logits.argmax(-1)
         for _ in range(new_tokens - 1):
-            token = model.decode(token, cache, policy, False).argmax(-1)
+            token = model.decode(token, cache).argmax(-1)
         stats = cache.stats()
         text, image = stats.total_of("self"), stats.total_of("cross")
         scale = row_bytes / tiny_row_bytes
@@ -178,10 +173,12 @@ def measured(args: argparse.Namespace) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(1)
     features = torch.randn(1, image_rows, cfg.hidden_size, generator=g, device=device, dtype=dtype)
     embeds = torch.randn(1, layout.modality.shape[1], cfg.hidden_size, generator=g, device=device, dtype=dtype)
-    capacity = args.warmup + args.steps + 1
+    capacity = args.warmup + args.steps
     prefilled = {}
     for name in TIMED:
-        logits, cache = model.prefill(embeds, layout, POLICIES[name], capacity, image_context(features, text_mask))
+        policy, features_policy = POLICIES[name]
+        logits, cache = model.prefill(embeds, layout, policy, capacity, image_context(features, text_mask),
+                                      features_policy)
         prefilled[name] = (logits.argmax(-1), cache)
     heads, head_dim = cfg.num_attention_heads, cfg.head_dim
     rows = []
@@ -196,7 +193,7 @@ def measured(args: argparse.Namespace) -> list[dict]:
                 layer_cache = cache.cross[0]
                 sync(device)
                 start = time.perf_counter()
-                token = model.decode(token, cache, POLICIES[name], False).argmax(-1)
+                token = model.decode(token, cache).argmax(-1)
                 sync(device)
                 middle = time.perf_counter()
                 cross_attention(q, layer_cache.k, layer_cache.v, layer_cache.decode_allowed[:, None], head_dim**-0.5)

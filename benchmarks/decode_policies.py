@@ -11,9 +11,11 @@ step; the policies show at larger batch.
 `--image-tokens 2880` times LLaVA-1.6-7B's prompt shape, `--image-tokens 256` Qwen-VL's.
 
 Part 2 (computed, no weights allocated): the paper's Table-3 settings on the real LLaVA-1.5-7B
-(576 image tokens), LLaVA-1.6-7B (2880) and Qwen-VL-7B (256) configs: a model with the real layer count and prompt
-layout but tiny widths runs the policies; its cache rows are scaled to the real per-row bytes
-(2 * 32 KV heads * 128 * 2 bytes, float16).
+(576 image tokens), LLaVA-1.6-7B (2880) and Qwen-VL-7B (256) configs, Qwen2-VL-7B (28 layers, 4 KV
+heads: GQA) at the image-token counts its processor gives a 640x480 photo, a 1024x768 image and a
+1700x2200 document page, and LLaVA-OneVision-7B (Qwen2-7B: 28 layers, 4 KV heads) at the counts its
+anyres_max_9 packing gives typical benchmark images (`ONEVISION_IMAGES`): a model with the real layer count and prompt layout but tiny widths runs
+the policies; its cache rows are scaled to the real per-row bytes (2 * KV heads * 128 * 2 bytes, float16).
 
 Usage: python benchmarks/decode_policies.py [--batch 1 8 32] [--layers 4] [--steps 8]
 [--image-tokens 576] [--dtype float32] [--device cpu] [--out benchmarks/results/decode_policies.json]
@@ -26,7 +28,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +36,9 @@ import torch
 import avl
 from avl.cache.layout import PromptLayout
 from avl.models.llama import LlamaConfig, LlamaModel
+from avl.models.llava_onevision import LlavaOnevisionConfig
+from avl.processing.llava_onevision import onevision_num_image_tokens
+from avl.processing.qwen2_vl import Qwen2VLImageProcessor
 
 POLICIES = {
     "full": avl.Full(),
@@ -44,6 +49,34 @@ POLICIES = {
     "streaming 4+256": avl.StreamingLLM(sinks=4, window=256),
 }
 TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%")}
+# LLaVA-OneVision benchmark images, (height, width): COCO-sized (VQAv2, captioning), a TextVQA photo, a DocVQA page
+ONEVISION_IMAGES = {"coco 480x640": (480, 640), "textvqa 768x1024": (768, 1024), "docvqa 2200x1700": (2200, 1700)}
+
+
+@dataclass(frozen=True)
+class Table3Model:
+    """A real model's decoder as far as its KV bytes go: layers, KV heads (head_dim 128), image tokens."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    image_tokens: int
+
+
+def table3_models() -> list[Table3Model]:
+    """The Table-3 models; LLaVA-OneVision-7B's image-token counts from its own packing rule and default config."""
+    models = [Table3Model("llava-1.5-7b", 32, 32, 576), Table3Model("llava-1.6-7b", 32, 32, 2880),
+              # Qwen-VL-7B's LM has the same KV shape (32 layers, 32 heads x 128); its image is 256 tokens
+              Table3Model("qwen-vl-7b", 32, 32, 256)]
+    qwen2_vl = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)  # Qwen2-VL-7B-Instruct's pixel bounds
+    models += [Table3Model(f"qwen2-vl-7b {w}x{h}", 28, 4, qwen2_vl.num_image_tokens(h, w))
+               for w, h in ((640, 480), (1024, 768), (1700, 2200))]
+    ov = LlavaOnevisionConfig.from_dict({"model_type": "llava_onevision"})  # transformers' defaults: the 7B's tower
+    for image, size in ONEVISION_IMAGES.items():
+        n = onevision_num_image_tokens(size, ov.image_grid_pinpoints, ov.vision.image_size, ov.vision.patch_size,
+                                       ov.max_tiles, multi_image=False)
+        models.append(Table3Model(f"llava-ov-7b {image}", 28, 4, n))  # Qwen2-7B: 28 layers, 4 KV heads
+    return models
 
 
 def prompt_layout(batch: int, n_image: int, n_text: int, device: torch.device) -> PromptLayout:
@@ -66,28 +99,22 @@ def random_model(cfg: LlamaConfig, dtype: torch.dtype, device: torch.device) -> 
 def repeat_batch(cache: avl.ModalCache, batch: int) -> avl.ModalCache:
     """The cache of one prompt, repeated for `batch` identical prompts (the prefill at batch 1 is
     what a batch of equal prompts would build; it saves minutes of CPU prefill)."""
-    def rep(x: torch.Tensor) -> torch.Tensor:
-        return x.repeat_interleave(batch, dim=0) if x.dim() else x.clone()
-    layers = [type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)}) for layer in cache.layers]
-    return avl.ModalCache(layers, rep(cache.next_position), rep(cache.full_rows))
+    return cache.repeat_interleave(batch)
 
 
 @dataclass
 class Decoding:
-    """One policy's generation in progress: its cache, the last token, the decode step count."""
+    """One policy's generation in progress: its cache and the last token."""
 
     policy: avl.Policy
     cache: avl.ModalCache
     token: torch.Tensor
-    step: int = 0
 
     def advance(self, model: LlamaModel) -> float:
-        """One decode step; returns its wall time in seconds."""
-        interval = self.policy.refresh_interval()
-        self.step += 1
-        refresh = interval is not None and self.step % interval == 0
+        """One decode step (the cache plans it: refresh or not, widths); returns its wall time in seconds."""
+        step = self.cache.next_step()
         start = time.perf_counter()
-        self.token = model.decode(self.token, self.cache, self.policy, refresh).argmax(-1)
+        self.token = model.decode(self.token, self.cache, step).argmax(-1)
         if self.token.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -140,24 +167,23 @@ def measured(args: argparse.Namespace) -> list[dict]:
 
 @torch.inference_mode()
 def table3(new_tokens: int) -> list[dict]:
-    """Cache bytes of the Table-3 settings on the real 7B configs, from a tiny-width stand-in."""
-    real_row_bytes = 2 * 32 * 128 * 2  # K and V, 32 KV heads, head_dim 128, float16
-    tiny = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=32,
-                       num_attention_heads=1)
-    model = random_model(tiny, torch.float32, torch.device("cpu"))
+    """Cache bytes of the Table-3 settings on the real 7B configs, from tiny-width stand-ins (one KV head,
+    the real layer count); rows and their scores are per KV head, so the counts do not depend on the width."""
     tiny_row_bytes = 2 * 1 * 32 * 4
     rows = []
-    # Qwen-VL-7B's LM has the same KV shape (32 layers, 32 heads x 128); its image is 256 tokens
-    for name, n_image in (("llava-1.5-7b", 576), ("llava-1.6-7b", 2880), ("qwen-vl-7b", 256)):
-        layout = prompt_layout(1, n_image, 40, torch.device("cpu"))
+    for real in table3_models():
+        tiny = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=real.layers,
+                           num_attention_heads=1)
+        model = random_model(tiny, torch.float32, torch.device("cpu"))
+        scale = 2 * real.kv_heads * 128 * 2 / tiny_row_bytes  # K and V, head_dim 128, float16
+        layout = prompt_layout(1, real.image_tokens, 40, torch.device("cpu"))
         for policy_name, policy in TABLE3.items():
             run = prefill(model, layout, policy, new_tokens)
             for _ in range(new_tokens - 1):
                 run.advance(model)
             r = byte_counts(run.cache)
-            scale = real_row_bytes / tiny_row_bytes
-            rows.append({"model": name, "policy": policy_name, "new_tokens": new_tokens,
-                         **{k: int(v * scale) for k, v in r.items() if k.endswith("bytes")},
+            rows.append({"model": real.name, "image_tokens": real.image_tokens, "policy": policy_name,
+                         "new_tokens": new_tokens, **{k: int(v * scale) for k, v in r.items() if k.endswith("bytes")},
                          "stored_pct": 100 * r["stored_bytes"] / r["full_bytes"],
                          "used_pct": 100 * r["used_bytes"] / r["full_bytes"]})
     return rows
@@ -179,9 +205,10 @@ def main() -> None:
 
     t3 = table3(args.table3_tokens)
     print(f"Table 3 settings, KV cache after {args.table3_tokens} generated tokens (float16, real 7B shapes):")
-    print(f"{'model':<14} {'policy':<24} {'stored MB':>10} {'stored %':>9} {'used MB':>9} {'used %':>7}")
+    print(f"{'model':<30} {'image':>6} {'policy':<24} {'stored MB':>10} {'stored %':>9} {'used MB':>9} {'used %':>7}")
     for r in t3:
-        print(f"{r['model']:<14} {r['policy']:<24} {r['stored_bytes'] / 2**20:>10.1f} {r['stored_pct']:>9.1f}"
+        print(f"{r['model']:<30} {r['image_tokens']:>6} {r['policy']:<24} {r['stored_bytes'] / 2**20:>10.1f}"
+              f" {r['stored_pct']:>9.1f}"
               f" {r['used_bytes'] / 2**20:>9.1f} {r['used_pct']:>7.1f}")
 
     rows = measured(args)

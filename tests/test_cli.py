@@ -8,7 +8,12 @@ from PIL import Image
 
 from avl.cli import main
 from avl.tiny import build_tiny_llava
-from tiny_llava import build_tiny_mllama_checkpoint, build_tiny_next_checkpoint, build_tiny_qwen_checkpoint
+from tiny_llava import (
+    build_tiny_mllama_checkpoint,
+    build_tiny_next_checkpoint,
+    build_tiny_onevision_checkpoint,
+    build_tiny_qwen_checkpoint,
+)
 
 
 def test_demo_prints_an_answer_and_the_cache_table(capsys):
@@ -51,6 +56,17 @@ def test_generate_runs_a_llava_next_checkpoint(tmp_path, capsys):
     Image.new("RGB", (90, 40), (10, 200, 10)).save(tmp_path / "wide.png")
     main(["generate", "--model", str(directory), "--image", str(tmp_path / "wide.png"), "--prompt", "Color?",
           "--max-new-tokens", "3", "--policy", "avl", "--secondary", "0.5"])
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "AVL(secondary=0.5" in out
+
+
+def test_generate_runs_a_llava_onevision_checkpoint(tmp_path, capsys):
+    """LLaVA-OneVision through the CLI: its processor (anyres_max tiles, image_sizes, batch_num_images),
+    the checkpoint's chat template, Qwen2 stop ids; float64 weights from float32 pixels."""
+    directory = build_tiny_onevision_checkpoint(tmp_path / "onevision")
+    Image.new("RGB", (90, 30), (10, 200, 10)).save(tmp_path / "wide.png")
+    main(["generate", "--model", str(directory), "--image", str(tmp_path / "wide.png"), "--prompt", "Color?",
+          "--max-new-tokens", "3", "--dtype", "float64", "--policy", "avl", "--secondary", "0.5", "--text-keep", "0.5"])
     out = capsys.readouterr().out
     assert out.startswith("answer: ") and "AVL(secondary=0.5" in out
 

@@ -161,3 +161,37 @@ def build_tiny_mllama_checkpoint(directory: Path) -> Path:
     (directory / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "MllamaImageProcessor", "size": {"height": 28, "width": 28}, "max_image_tiles": 4}))
     return directory
+
+
+def build_tiny_onevision_checkpoint(directory: Path) -> Path:
+    """A complete tiny random LLaVA-OneVision checkpoint directory written by transformers: weights
+    (SigLIP 26 px tiles / patch 6, grids up to 2 x 2, Qwen2 of 3 layers with 2 KV heads), avl's tiny Qwen2 tokenizer,
+    llava-hf's processing configs and its chat template (`chat_template.json`)."""
+    import json
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    from avl.processing import build_tiny_qwen2_tokenizer
+    from avl.processing.llava_onevision import ONEVISION_CHAT_TEMPLATE
+    from avl.processing.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(build_tiny_qwen2_tokenizer(directory))
+    tile = 26
+    pinpoints = [[tile * r, tile * c] for r in (1, 2) for c in (1, 2)]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=tile, patch_size=6, vision_use_head=False)
+    text = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                                  image_token_index=tokenizer.token_to_id("<image>"),
+                                  video_token_index=tokenizer.token_to_id("<video>"),
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": tile, "width": tile},
+        "image_grid_pinpoints": pinpoints, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}))
+    (directory / "processor_config.json").write_text(json.dumps({
+        "num_image_tokens": 16, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}))
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": ONEVISION_CHAT_TEMPLATE}))
+    return directory

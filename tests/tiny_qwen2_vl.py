@@ -18,10 +18,12 @@ def text_config(**overrides) -> dict:
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}) | overrides
 
 
-def build_hf(directory: Path, family: str, seed: int = 0, tie: bool = False, **vision_overrides):
+def build_hf(directory: Path, family: str, seed: int = 0, tie: bool = False, text: dict | None = None,
+             **vision_overrides):
     """Write a tiny float64 checkpoint of `family` ("qwen2_vl" or "qwen2_5_vl") and return the
-    transformers model. Weights are redrawn at std 0.2 (biases and norm gains included) so that a
-    wrong rotary, window or position rule moves the outputs far beyond the tolerances."""
+    transformers model (`text`: overrides of `text_config()`). Weights are redrawn at std 0.2 (biases
+    and norm gains included) so that a wrong rotary, window or position rule moves the outputs far
+    beyond the tolerances."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -34,13 +36,13 @@ def build_hf(directory: Path, family: str, seed: int = 0, tie: bool = False, **v
     if family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2) | vision_overrides
-        config, cls = Qwen2VLConfig(text_config=text_config(), vision_config=vision, **ids), \
+        config, cls = Qwen2VLConfig(text_config=text_config(**(text or {})), vision_config=vision, **ids), \
             Qwen2VLForConditionalGeneration
     else:
         vision = dict(depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1, 3]) | vision_overrides
-        config, cls = Qwen2_5_VLConfig(text_config=text_config(), vision_config=vision, **ids), \
+        config, cls = Qwen2_5_VLConfig(text_config=text_config(**(text or {})), vision_config=vision, **ids), \
             Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
     model = cls(config).to(torch.float64).eval()
@@ -128,3 +130,16 @@ def build_qwen2_tokenizer(directory: Path, n_merges: int = 200) -> dict[str, int
                                           "single_word": False, "special": True} for t, i in ids.items()},
     }, indent=1))
     return ids
+
+
+def build_checkpoint(directory: Path, family: str, seed: int = 0):
+    """A complete tiny checkpoint directory of `family`: transformers' weights (`build_hf`), the tiny
+    Qwen2 tokenizer, the hub's chat template and a preprocessor config with small pixel bounds (at
+    most 20000 pixels: up to 25 image tokens). Returns the transformers model."""
+    import json
+
+    hf = build_hf(directory, family, seed=seed)
+    build_qwen2_tokenizer(directory)
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (directory / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 20000}))
+    return hf

@@ -25,14 +25,21 @@ class PromptLayout:
     `modality` [B, L] holds `Modality` values, `positions` [B, L] the rotary position of each
     row. Pruning image rows keeps their original positions, so decode positions continue from
     the last original position + 1.
+
+    `rope_positions` [3, B, L] (Qwen2-VL's M-RoPE (t, h, w) triples), when a family has them, are
+    the rotary positions proper; `positions` then holds each row's largest axis, so the last row
+    still gives the decode position (the `rope_deltas` rule: max prompt position + 1).
     """
 
     modality: Tensor  # [B, L] int64
     positions: Tensor  # [B, L] int64
+    rope_positions: Tensor | None = None  # [3, B, L] int64
 
     @classmethod
-    def from_prompt(cls, image_mask: Tensor, attention_mask: Tensor) -> PromptLayout:
-        """Layout of a tokenised prompt: image_mask, attention_mask [B, L] (left padding)."""
+    def from_prompt(cls, image_mask: Tensor, attention_mask: Tensor,
+                    rope_positions: Tensor | None = None) -> PromptLayout:
+        """Layout of a tokenised prompt: image_mask, attention_mask [B, L] (left padding), and the
+        family's multimodal rotary positions [3, B, L] if it has them (default: 0, 1, ... per sample)."""
         valid = attention_mask.bool()
         image = image_mask & valid
         from_first_image = image.long().cumsum(-1) > 0  # [B, L]
@@ -40,8 +47,12 @@ class PromptLayout:
         modality = torch.full_like(attention_mask, Modality.TEXT, dtype=torch.long)
         modality = modality.masked_fill(system, Modality.SYSTEM).masked_fill(image, Modality.IMAGE)
         modality = modality.masked_fill(~valid, Modality.PAD)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        return cls(modality, positions)
+        if rope_positions is None:
+            return cls(modality, (valid.long().cumsum(-1) - 1).clamp(min=0))
+        if rope_positions.shape != (3, *attention_mask.shape):
+            raise ValueError(f"rope_positions has shape {tuple(rope_positions.shape)}; allowed: "
+                             f"{(3, *attention_mask.shape)} (3 axes of the prompt's shape)")
+        return cls(modality, rope_positions.amax(0), rope_positions)
 
     @property
     def valid(self) -> Tensor:
@@ -55,7 +66,8 @@ class PromptLayout:
         """Rows `index` [B, L'] (-1 = padding) in that order."""
         safe = index.clamp(min=0)
         modality = self.modality.gather(1, safe).masked_fill(index < 0, Modality.PAD)
-        return PromptLayout(modality, self.positions.gather(1, safe))
+        rope = None if self.rope_positions is None else self.rope_positions.gather(2, safe.expand(3, -1, -1))
+        return PromptLayout(modality, self.positions.gather(1, safe), rope)
 
 
 def packed_index(keep: Tensor, min_width: int = 0) -> Tensor:

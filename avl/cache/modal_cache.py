@@ -120,6 +120,8 @@ class LayerCache:
     used: Tensor  # [] head-rows attended in the last step (the prefill's last row until a decode step ran)
     budget: Budget = field(default_factory=Budget)  # the policy's rule for the evictable rows
     shifted: bool = False  # keys held unrotated, rotated at their index inside the cache each step
+    # when set, called with (idx, probs) after each step's attention: eager runs only (`avl.analysis`)
+    observer: Callable[[Tensor, Tensor], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def evictable_start(self) -> int:
@@ -157,6 +159,8 @@ class LayerCache:
             k, v = rotate(self.k[:, :, :end], key_pos, False), self.v[:, :, :end]
         # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
         out, probs = gathered_attention(q, k, v, idx, scale, validate=False)
+        if self.observer is not None:
+            self.observer(idx, probs)
         self.used.copy_((idx >= 0).sum())
         if self.budget.evicts:
             heads = self.live.shape[1]
@@ -405,6 +409,21 @@ class ModalCache:
     def cross(self) -> list[CrossLayerCache]:
         """The cross-attention layers' image caches, in layer order (empty for decoder-only models)."""
         return [layer for layer in self.layers if isinstance(layer, CrossLayerCache)]
+
+    def repeat_interleave(self, times: int) -> ModalCache:
+        """Each sample's cache repeated `times` times (sample b becomes rows b*times .. b*times + times-1):
+        several continuations of one prefill, e.g. sampling, or a batch of equal prompts in benchmarks.
+        The repeat shares no storage with this cache and allows the decode steps this one has left."""
+        def rep(x: object) -> object:
+            return x.repeat_interleave(times, dim=0) if isinstance(x, Tensor) and x.dim() else (
+                x.clone() if isinstance(x, Tensor) else x)
+
+        def rep_layer(layer: LayerCache | CrossLayerCache | None) -> LayerCache | CrossLayerCache | None:
+            return None if layer is None else type(layer)(**{f.name: rep(getattr(layer, f.name)) for f in fields(layer)})
+
+        out = ModalCache([rep_layer(layer) for layer in self.layers], self.policy, rep(self.next_position),
+                         rep(self.full_rows), self.new_tokens - self.plan.steps, rep(self.rotary_state))
+        return out
 
     def next_step(self) -> DecodeStep:
         """The host-side plan of the next decode step (pass it to `model.decode` when compiled)."""

@@ -184,9 +184,15 @@ class ClipVisionTower(nn.Module):
             x, _ = block(x)
         if not cls_attention:
             return x
+        # the last layer runs as usual (its output is unchanged); its [CLS] query and keys are projected
+        # once more from the same normed input: one row of logits, not a second pass of the tower
         last = blocks[-1]
         attn = last.self_attn
         normed = last.layer_norm1(x)
-        keys = attn.k_proj(normed).view(x.shape[0], x.shape[1], attn.heads, -1).transpose(1, 2)
-        x, probs = last(x, return_probs=True)
-        return x, ClsAttention(probs[:, :, 0], keys)
+        b, n, _ = x.shape
+        query = attn.q_proj(normed[:, :1]).view(b, 1, attn.heads, -1).transpose(1, 2)  # [N, H, 1, D]
+        keys = attn.k_proj(normed).view(b, n, attn.heads, -1).transpose(1, 2)  # [N, H, 1 + P, D]
+        dtype = compute_dtype(query.dtype)
+        logits = query.to(dtype) @ keys.to(dtype).transpose(-1, -2) * query.shape[-1] ** -0.5
+        x, _ = last(x)
+        return x, ClsAttention(torch.softmax(logits, dim=-1)[:, :, 0], keys)

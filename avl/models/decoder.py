@@ -1,7 +1,8 @@
 """The ONE policy-driven prefill/decode loop, over self-attention and cross-attention blocks alike.
 
 A family's language model subclasses `CachedDecoder` and provides `embed_tokens`, `layers`,
-`norm`, `lm_head` and `rotary(positions, dtype)`. A self-attention block has
+`norm`, `lm_head` and `rotary(positions, dtype)` (`prompt_rotary(layout, dtype)` when the prompt's
+rotary positions are not `layout.positions`: Qwen2-VL's M-RoPE). A self-attention block has
 `input_layernorm`, a `self_attn` with `qkv(x) -> q, k, v` (unrotated), `rotate_query(q, a, b)`,
 `rotate_key(k, a, b)`, `output(out)` and `scale`, and `finish(h, attn_out) -> h` (residual, MLP).
 The pair `(a, b)` that `rotary` returns is opaque to the loop and goes to the rotations as is: cos
@@ -14,6 +15,9 @@ prefill and its `CrossLayerCache` in decode. The cache policies then work on eve
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
@@ -21,6 +25,18 @@ from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache, Rotate
 from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
 from avl.models.layers import attention_probs, attention_received, prefill_attention
+
+
+class AttentionObserver(Protocol):
+    """Sees the attention a `CachedDecoder` runs, when set as its `observer` (`avl.analysis`)."""
+
+    def prefill(self, layer: int, layout: PromptLayout, probs: Tensor) -> None:
+        """Self-attention block `layer` in prefill: the last prompt row's head-mean probabilities over
+        the layout's rows, [B, L]."""
+
+    def decode(self, layer: int, idx: Tensor, probs: Tensor) -> None:
+        """A decode step of block `layer`: the cache slots it attended, idx [B, Hkv, M], and the
+        gathered-attention op's probabilities over them, probs [B, Hq, M]."""
 
 
 class CrossAttentionBlock(nn.Module):
@@ -45,7 +61,13 @@ class CachedDecoder(nn.Module):
     policy's cache for that block is built (so peak KV memory is the compacted cache plus one full
     layer), and a policy may drop image rows from the hidden states. `decode` runs one token per
     sample against the `ModalCache`, one cache call per block.
+
+    `observer` (None: nothing changes) is handed each self-attention block's last-prompt-row
+    probabilities in prefill, and is wired into the block's `LayerCache` to see every decode step's
+    probabilities; a Python callback, so only for eager decode (`avl.analysis.observing` sets it).
     """
+
+    observer: AttentionObserver | None = None
 
     embed_tokens: nn.Embedding
     layers: nn.ModuleList
@@ -53,8 +75,13 @@ class CachedDecoder(nn.Module):
     lm_head: nn.Linear
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The position tables `project` takes for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
+        """The position tables the rotations take for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
         raise NotImplementedError
+
+    def prompt_rotary(self, layout: PromptLayout, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of the prompt rows of `layout` (after a prefill drop too): by default
+        `rotary(layout.positions)`; Qwen2-VL: M-RoPE of `layout.rope_positions`."""
+        return self.rotary(layout.positions, dtype)
 
     def rotary_state(self, layout: PromptLayout) -> Tensor | None:
         """Per-sample rotary state fixed at prefill that decode needs besides the position
@@ -99,7 +126,7 @@ class CachedDecoder(nn.Module):
         next_position = layout.positions[:, -1] + 1
         rotary_state = self.rotary_state(layout)
         caches: list[LayerCache | CrossLayerCache | None] = []
-        a, b = self.rotary(layout.positions, h.dtype)
+        a, b = self.prompt_rotary(layout, h.dtype)
         for i, block in enumerate(self.layers):
             if isinstance(block, CrossAttentionBlock):
                 layer_cache = None
@@ -112,16 +139,21 @@ class CachedDecoder(nn.Module):
             q, raw_k, v = attn.qkv(block.input_layernorm(h))
             q, k = attn.rotate_query(q, a, b), attn.rotate_key(raw_k, a, b)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
-            image_scores = self._image_scores(q, k, layout, attn.scale) if policy.needs_image_scores(i) else None
+            scored = policy.needs_image_scores(i) or self.observer is not None
+            image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
             cached_k = raw_k if policy.shifts_positions() else k
-            caches.append(build_layer_cache(policy, layout, cached_k, v, n_image, image_scores, evict_scores,
-                                            new_tokens))
+            self_cache = build_layer_cache(policy, layout, cached_k, v, n_image, image_scores, evict_scores,
+                                           new_tokens)
+            if self.observer is not None:
+                self.observer.prefill(i, layout, image_scores)
+                self_cache.observer = partial(self.observer.decode, i)
+            caches.append(self_cache)
             h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
-                a, b = self.rotary(layout.positions, h.dtype)
+                a, b = self.prompt_rotary(layout, h.dtype)
         logits = self.lm_head(self.norm(h[:, -1]))
         return logits, ModalCache(caches, policy, next_position, full_rows, new_tokens, rotary_state)
 

@@ -109,7 +109,7 @@ def attention_probs(
 
 
 def attention_received(q_rows: Tensor, query_index: Tensor, k: Tensor, valid: Tensor, scale: float,
-                       chunk_elements: int = 1 << 22) -> Tensor:
+                       chunk_elements: int = 1 << 19) -> Tensor:
     """Attention each key row receives from the selected query rows, summed over them: [B, Hq, L].
 
     Same inputs as `attention_probs`, but the probabilities are summed chunk by chunk of query
@@ -127,8 +127,8 @@ def attention_received(q_rows: Tensor, query_index: Tensor, k: Tensor, valid: Te
     for start in range(0, n_rows, chunk):
         q = q_rows[:, :, start:start + chunk].to(keys.dtype).unflatten(1, (hkv, groups))  # [B, Hkv, G, r, D]
         rows = query_index[:, start:start + chunk]  # [B, r]
-        scores = torch.einsum("bkgrd,bkld->bkgrl", q, keys) * scale
+        scores = torch.einsum("bkgrd,bkld->bkgrl", q, keys).mul_(scale)
         allowed = (key_index[None, None, :] <= rows[:, :, None]) & valid[:, None, :] & (rows >= 0)[:, :, None]
-        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-        total += torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(3)
+        scores.masked_fill_(~allowed[:, None, None], float("-inf"))
+        total += torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(3)  # peak: two chunks of probabilities
     return total.flatten(1, 2)

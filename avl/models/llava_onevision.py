@@ -11,7 +11,8 @@ image is its tile's features and one `image_newline`.
 
 The language model is Qwen2: Llama's blocks with biases on q, k and v (`LlamaModel`, `qkv_bias`).
 `forward` is the dense, cache-free reference (all logits of a left-padded batch); the policy-driven
-prefill / decode go through the shared decoder loop like the other families.
+`prefill` / `decode` go through the shared decoder loop (`CachedDecoder`) like the other families,
+with every image-token row (newline features included) an image row of the cache.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avl.cache.layout import PromptLayout
+from avl.cache.modal_cache import DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.models.config import require
 from avl.models.layers import prefill_attention
 from avl.models.llama import LlamaConfig, LlamaModel
@@ -124,9 +128,9 @@ class LlavaOnevisionConfig(LlavaConfig):
 
 
 class LlavaOnevision(nn.Module):
-    """LLaVA-OneVision (llava-hf layout). `forward` takes transformers' processor outputs
+    """LLaVA-OneVision (llava-hf layout). `forward` and `prefill` take transformers' processor outputs
     (`input_ids`, `attention_mask`, `pixel_values` [N, tiles, 3, S, S], `image_sizes` [N, 2],
-    `batch_num_images`)."""
+    `batch_num_images`); `prefill` / `decode` are the entry points `avl.generate` uses."""
 
     key_map = LLAVA_ONEVISION_KEY_MAP
 
@@ -148,6 +152,11 @@ class LlavaOnevision(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.language_model.embed_tokens.weight.dtype
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence (prompt + generated tokens) the Qwen2 rotary table is configured for."""
+        return self.config.text.max_position_embeddings
 
     def num_image_tokens(self, image_size: Size, multi_image: bool = False) -> int:
         """Image tokens of an image of (height, width) `image_size` (one of several in its prompt: `multi_image`)."""
@@ -235,3 +244,22 @@ class LlavaOnevision(nn.Module):
             q, k, v = layer.self_attn.project(layer.input_layernorm(h), cos, sin)
             h = layer.finish(h, prefill_attention(q, k, v, valid, layer.self_attn.scale))
         return lm.lm_head(lm.norm(h))
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
+                new_tokens: int, feature_policy: FeaturePolicy | None = None, *,
+                image_sizes: Tensor | Sequence[Size] | None = None,
+                batch_num_images: Sequence[int] | Tensor | None = None) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps.
+
+        pixel_values [N_images, T, 3, S, S], image_sizes [N_images, 2] (height, width) and
+        batch_num_images [B] as `LlavaOnevisionProcessor` returns them, images in the order of their
+        tokens in the batch. The image rows the policy scores are all image-token rows, so an
+        image's `image_newline` features count among its N_img.
+        """
+        embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes, batch_num_images)
+        layout = PromptLayout.from_prompt(image_mask, attention_mask)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
+
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        """One decode step: token [B] -> logits [B, V]; updates the cache in place (`CachedDecoder.decode`)."""
+        return self.language_model.decode(token, cache, step)

@@ -16,7 +16,8 @@ checkpoint layout are shared. Facts (transformers' `modeling_qwen2_vl.py` / `mod
 - the rotary frequencies are split into `mrope_section` chunks (sum = head_dim / 2); chunk i
   rotates by axis i % 3 of the triple (t, h, w, t, ...); both halves of the head use the same angles.
 
-`Qwen2VL.forward` is a dense, cache-free prompt forward (the parity anchor for cached decoding).
+`Qwen2VL.forward` is a dense, cache-free prompt forward; `prefill` / `decode` run the policy-driven
+cached decoder (`avl.models.decoder`), which `avl.generate` uses.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from avl.cache.layout import PromptLayout
+from avl.cache.modal_cache import DecodeStep, ModalCache
+from avl.cache.policies import FeaturePolicy, Policy
 from avl.models.config import config_fields, require
-from avl.models.layers import RMSNorm, prefill_attention
-from avl.models.llama import DecoderLayer, LlamaConfig
+from avl.models.layers import prefill_attention
+from avl.models.llama import LlamaConfig, LlamaModel
 from avl.models.qwen2_vl_vision import (
     Qwen2VLVisionConfig,
     Qwen2VLVisionTower,
@@ -210,25 +214,37 @@ def mrope_cos_sin(positions: Tensor, head_dim: int, theta: float, section: tuple
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-class Qwen2VLTextModel(nn.Module):
-    """Token embedding, Qwen2 decoder layers (llama.DecoderLayer with q/k/v biases), final norm, LM head."""
+class Qwen2VLTextModel(LlamaModel):
+    """The Qwen2 language model (llama.DecoderLayer with q/k/v biases) on the cached decoder.
 
-    def __init__(self, cfg: Qwen2VLTextConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    Prefill rotates by M-RoPE of `PromptLayout.rope_positions` (kept rows keep their triples when
+    a policy drops image rows). A decode token has the same position on all three axes, where
+    M-RoPE is the plain 1-D rotary (`rotary`, inherited), at the last prompt row's largest axis
+    + 1 and one more per step: transformers' `rope_deltas` rule.
+    """
 
-    def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def mrope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [B, 1, L, head_dim] for M-RoPE position triples [3, B, L]."""
         cfg = self.config
         return mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype)
 
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Refuses shifted positions: they re-rotate every cached key at its 1-D index inside the cache,
+        which has no M-RoPE counterpart for the prompt's image rows (3-D positions)."""
+        super().check_policy(policy, feature_policy)
+        if policy.shifts_positions():
+            raise ValueError(f"{policy!r}: shifted positions (StreamingLLM's pos_shift) re-rotate every cached key "
+                             "at its 1-D index inside the cache, but Qwen2-VL rotates the prompt's image rows by "
+                             "M-RoPE (3-D positions), which that rule does not define; use positions='original'")
+
+    def prompt_rotary(self, layout: PromptLayout, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if layout.rope_positions is None:
+            raise ValueError("Qwen2-VL's prompt layout needs rope_positions [3, B, L] (from rope_index)")
+        return self.mrope(layout.rope_positions, dtype)
+
     def forward(self, h: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """Dense causal forward: embeddings [B, L, C], positions [3, B, L], valid [B, L] -> logits [B, L, V]."""
-        cos, sin = self.rotary(positions, h.dtype)
+        cos, sin = self.mrope(positions, h.dtype)
         for layer in self.layers:
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)
@@ -301,6 +317,41 @@ class Qwen2VL(nn.Module):
             embeds = embeds.masked_scatter(image_mask[..., None], features)
         return embeds
 
+    def check_token_types(self, input_ids: Tensor, valid: Tensor, mm_token_type_ids: Tensor | None) -> None:
+        """Raise unless `mm_token_type_ids` (the processor's, 1 on image tokens; None: not given)
+        marks exactly the valid `<|image_pad|>` tokens (images are found by their id)."""
+        if mm_token_type_ids is None:
+            return
+        expected = (input_ids == self.config.image_token_id) & valid
+        if mm_token_type_ids.shape != input_ids.shape or not torch.equal(mm_token_type_ids.bool(), expected):
+            raise ValueError(f"mm_token_type_ids does not mark exactly the image tokens (id "
+                             f"{self.config.image_token_id}) of input_ids; videos are not supported")
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
+                new_tokens: int, feature_policy: FeaturePolicy | None = None, *,
+                image_grid_thw: Tensor | None = None,
+                mm_token_type_ids: Tensor | None = None) -> tuple[Tensor, ModalCache]:
+        """Run the prompt: next-token logits [B, V] and the compacted cache, sized for `new_tokens` decode steps.
+
+        Takes the processor's outputs by their names (`image_grid_thw`, `mm_token_type_ids`). Image
+        rows (what image policies score, keep and drop) are the `<|image_pad|>` tokens; the vision
+        start / end tokens around them are text.
+        """
+        self.check_token_types(input_ids, attention_mask.bool(), mm_token_type_ids)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        positions, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
+        layout = PromptLayout.from_prompt(input_ids == self.config.image_token_id, attention_mask, positions)
+        return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
+
+    def decode(self, token: Tensor, cache: ModalCache, step: DecodeStep | None = None) -> Tensor:
+        return self.language_model.decode(token, cache, step)
+
+    @property
+    def max_positions(self) -> int:
+        """`max_position_embeddings`; `generate` bounds prompt length + new tokens by it (M-RoPE
+        positions never exceed the sequence index, so that is conservative)."""
+        return self.config.text.max_position_embeddings
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None) -> Tensor:
         """Dense prompt forward (no cache): logits [B, L, V] of every position (left padding allowed).
@@ -309,11 +360,7 @@ class Qwen2VL(nn.Module):
         given, must mark exactly the `<|image_pad|>` tokens (images are found by their id).
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mm_token_type_ids is not None:
-            expected = (input_ids == self.config.image_token_id) & valid
-            if mm_token_type_ids.shape != input_ids.shape or not torch.equal(mm_token_type_ids.bool(), expected):
-                raise ValueError(f"mm_token_type_ids does not mark exactly the image tokens (id "
-                                 f"{self.config.image_token_id}) of input_ids; videos are not supported")
+        self.check_token_types(input_ids, valid, mm_token_type_ids)
         positions, _ = self.rope_index(input_ids, image_grid_thw, valid)
         return self.language_model(self.embed(input_ids, pixel_values, image_grid_thw), positions, valid)
 

@@ -9,7 +9,7 @@ from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
 from avl.processing.llava_onevision import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, onevision_prompt
 from avl.processing.mllama import MllamaImageProcessor, MllamaProcessor, mllama_chat_prompt, mllama_prompt
-from avl.processing.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor
+from avl.processing.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor, qwen2_vl_prompt
 from avl.processing.qwen_vl import (
     QwenTokenizer,
     QwenVLImageProcessor,
@@ -47,6 +47,7 @@ __all__ = [
     "mllama_chat_prompt",
     "mllama_prompt",
     "onevision_prompt",
+    "qwen2_vl_prompt",
     "qwen_chat_prompt",
     "qwen_vl_query",
     "read_chat_template",

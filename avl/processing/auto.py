@@ -14,7 +14,9 @@ from avl.processing.chat import llava15_prompt
 from avl.processing.image import ImageLike
 from avl.processing.llava import LlavaProcessor
 from avl.processing.llava_next import LlavaNextProcessor, llava_next_prompt
+from avl.processing.llava_onevision import LlavaOnevisionProcessor
 from avl.processing.mllama import MllamaProcessor, mllama_prompt
+from avl.processing.qwen2_vl import Qwen2VLProcessor, qwen2_vl_prompt
 from avl.processing.qwen_vl import QwenVLProcessor, qwen_chat_prompt, qwen_vl_query
 from avl.weights import read_config
 
@@ -50,6 +52,11 @@ def load_chat_processor(directory: str | os.PathLike[str]) -> ChatProcessor:
         variant = "mistral" if (config.get("text_config") or {}).get("model_type") == "mistral" else "vicuna"
         processor = LlavaNextProcessor.from_dir(root)
         return ChatProcessor(processor, lambda q: llava_next_prompt(q, variant), _ids(processor.tokenizer.eos_token_id))
+    if model_type == "llava_onevision":
+        processor = LlavaOnevisionProcessor.from_dir(root)
+        tokenizer = processor.tokenizer
+        return ChatProcessor(processor, processor.prompt,
+                             _ids(tokenizer.token_to_id("<|im_end|>")) + _ids(tokenizer.token_to_id("<|endoftext|>")))
     if model_type == "mllama":
         processor = MllamaProcessor.from_dir(root)
         tokenizer = processor.tokenizer
@@ -60,8 +67,13 @@ def load_chat_processor(directory: str | os.PathLike[str]) -> ChatProcessor:
         tokenizer = processor.tokenizer
         return ChatProcessor(processor, lambda q: qwen_chat_prompt(qwen_vl_query(q)),
                              (tokenizer.im_end_id, tokenizer.eod_id))
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        processor = Qwen2VLProcessor.from_dir(root)
+        tokenizer = processor.tokenizer
+        return ChatProcessor(processor, qwen2_vl_prompt,
+                             _ids(tokenizer.token_to_id("<|im_end|>")) + _ids(tokenizer.token_to_id("<|endoftext|>")))
     raise ValueError(f"no chat processor for model_type={model_type!r} in {root / 'config.json'}; "
-                     "supported: ['llava', 'llava_next', 'mllama', 'qwen']")
+                     "supported: ['llava', 'llava_next', 'llava_onevision', 'mllama', 'qwen', 'qwen2_5_vl', 'qwen2_vl']")
 
 
 def _ids(token_id: int | None) -> tuple[int, ...]:

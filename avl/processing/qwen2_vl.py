@@ -25,7 +25,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,16 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], a
                                             **kwargs)
 
 
+QWEN2_VL_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def qwen2_vl_prompt(question: str, system: str = QWEN2_VL_SYSTEM_PROMPT) -> str:
+    """One user turn, the image before the question, as the chat template of Qwen2-VL-*-Instruct and
+    Qwen2.5-VL-*-Instruct renders `[system, user: [image, text]]` with the generation prompt."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{VISION_START}{IMAGE_PAD}"
+            f"{VISION_END}{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
 class Qwen2VLProcessor:
     """Tokenizer + image processor + chat template of a Qwen2-VL / Qwen2.5-VL checkpoint.
 
@@ -239,9 +249,12 @@ class Qwen2VLProcessor:
         self.pad_token_id: int | None = self._text.pad_token_id
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> Qwen2VLProcessor:
+    def from_dir(cls, path: str | os.PathLike[str], *, min_pixels: int | None = None,
+                 max_pixels: int | None = None) -> Qwen2VLProcessor:
         """Load from a checkpoint directory: tokenizer files, `preprocessor_config.json` (transformers'
-        defaults if absent), the chat template; `config.json`'s `image_token_id` must match the tokenizer."""
+        defaults if absent), the chat template; `config.json`'s `image_token_id` must match the tokenizer.
+        `min_pixels` / `max_pixels` override the preprocessor config's (as transformers'
+        `AutoProcessor.from_pretrained(..., min_pixels=..., max_pixels=...)`)."""
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {str(root)!r}")
@@ -249,6 +262,8 @@ class Qwen2VLProcessor:
         preprocessor = root / "preprocessor_config.json"
         image_processor = (Qwen2VLImageProcessor.from_preprocessor_config(preprocessor) if preprocessor.is_file()
                            else Qwen2VLImageProcessor())
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        image_processor = replace(image_processor, **bounds)
         image_token_id = tokenizer.token_to_id(IMAGE_PAD)
         config = read_json_object(root / "config.json") if (root / "config.json").is_file() else {}
         if config.get("image_token_id") is not None and config["image_token_id"] != image_token_id:
@@ -291,4 +306,5 @@ class Qwen2VLProcessor:
         return self._text.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-__all__ = ["Qwen2VLImageProcessor", "Qwen2VLProcessor", "read_chat_template", "render_chat_template", "smart_resize"]
+__all__ = ["QWEN2_VL_SYSTEM_PROMPT", "Qwen2VLImageProcessor", "Qwen2VLProcessor", "qwen2_vl_prompt",
+           "read_chat_template", "render_chat_template", "smart_resize"]

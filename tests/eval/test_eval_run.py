@@ -219,6 +219,19 @@ def test_a_llava_next_checkpoint_runs_with_its_anyres_processor(tmp_path):
     assert 40 < summary["kv_cache"]["stored_pct"] < 90
 
 
+def test_a_llava_onevision_checkpoint_runs_with_its_processor_and_prompt(tmp_path):
+    """LLaVA-OneVision: its anyres_max processor (image_sizes, batch_num_images reach the model), lmms-eval's
+    qwen_1_5 prompt, every A-VL part."""
+    from tiny_llava import build_tiny_onevision_checkpoint
+
+    directory = build_tiny_onevision_checkpoint(tmp_path / "onevision")
+    data = write_tiny_parquet("textvqa_val", tmp_path / "data", n=2)
+    summary = evaluate(config(directory, "textvqa_val", data, tmp_path / "out", batch_size=2, dtype="float64",
+                              policy=AVL(secondary=0.45, core=0.3, refresh_every=3, prefill_keep=0.9, text_keep=0.5)))
+    assert (summary["samples"], summary["failed"]) == (2, 0)
+    assert summary["kv_cache"]["stored_pct"] < 90
+
+
 def test_a_qwen_vl_checkpoint_runs_with_its_processor_and_prompt(tmp_path):
     from tiny_llava import build_tiny_qwen_checkpoint
 

@@ -51,6 +51,17 @@ def test_qwen_vl_prompts_match_lmms_eval(task, expected):
     assert family.prompt(text) == "Picture 1: <img></img>\n" + expected
 
 
+def test_llava_onevision_prompt_matches_lmms_eval():
+    """lmms-eval's llava_onevision wrapper: "<image>\n" + text through LLaVA-NeXT's conv_qwen (qwen_1_5), written
+    out; the output is stripped and not cut at `until`."""
+    family = get_family("llava_onevision")
+    text = get_task("docvqa_val").text({"question": "What is the total?"}, family.lmms_eval_model)
+    assert text == "What is the total?" + SHORT
+    assert family.prompt(text) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                   "<image>\nWhat is the total?" + SHORT + "<|im_end|>\n<|im_start|>assistant\n")
+    assert family.postprocess(" Stop ASSISTANT: x\n", ["ASSISTANT:"]) == "Stop ASSISTANT: x"
+
+
 def test_textvqa_reference_ocr_tokens_when_asked():
     task = get_task("textvqa_val")
     text = task.doc_to_text({"question": "what brand?", "ocr_tokens": ["coca", "cola"]},

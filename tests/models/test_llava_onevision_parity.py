@@ -22,8 +22,9 @@ from tiny_llava import IMAGE_TOKEN, PAD_TOKEN, left_pad, prompt_ids
 TILE = 26
 PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 5) for c in range(1, 5)]
 MAX_TILES = 17  # 1 base + a 4 x 4 grid
-# float64 against float64 (measured: features 4e-15, logits 1e-14); the issue asks for 1e-6, this is far inside it
+# float64 against float64 (measured: features 4e-15, logits 1e-14, 16 greedy steps 8e-15); far inside the issue's bounds
 TOL64 = 1e-10
+STEPS = 16  # greedy steps of the generation tests
 # (height, width): square small / large (4 x 4 grid, downsampled), wide, tall, very wide, very tall
 SIZES = [(30, 30), (100, 100), (40, 110), (120, 35), (80, 300), (300, 20)]
 
@@ -202,6 +203,89 @@ def test_multi_image_prompt_and_text_only_sample_equal_transformers(pair):
     assert (out[valid] - ref[valid]).abs().max() <= TOL64
 
 
+def hf_generate(hf, ids, mask, pixel_values, image_sizes, batch_num_images=None, steps: int = STEPS,
+                float64_norms: bool = True):
+    """transformers' greedy generation (no EOS stop): new tokens [B, steps] and the next-token logits of each
+    step [B, steps, V] in the model's dtype. generate hands its logits out in float32, so they are read at
+    the LM head instead; `float64_norms` removes the float32 RMSNorm cast as in `hf_logits`."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    logits: list[torch.Tensor] = []
+    hook = hf.lm_head.register_forward_hook(lambda _m, _i, out: logits.append(out[:, -1]))
+    norm = _rms_norm_in_input_dtype if float64_norms else Qwen2RMSNorm.forward
+    try:
+        with torch.no_grad(), mock.patch.object(Qwen2RMSNorm, "forward", norm):
+            out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes,
+                              batch_num_images=batch_num_images, max_new_tokens=steps, min_new_tokens=steps,
+                              do_sample=False, eos_token_id=None)
+    finally:
+        hook.remove()
+    assert len(logits) == steps
+    return out[:, ids.shape[1]:], torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("size", SIZES[:4], ids=["small", "large", "wide", "tall"])
+def test_greedy_generation_equals_transformers_generate(pair, size):
+    """avl.generate (cached prefill + one decode step per token) against transformers' generate."""
+    _, _, hf, model = pair
+    ids = torch.tensor([prompt_ids(3, 7, model.num_image_tokens(size), seed=sum(size))])
+    pixel_values, image_sizes = pixels(1, sum(size)), torch.tensor([size])
+    ref_tokens, ref_logits = hf_generate(hf, ids, torch.ones_like(ids), pixel_values, image_sizes)
+    out = avl.generate(model, ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=STEPS,
+                       output_logits=True)
+    assert out.logits.dtype == torch.float64 and out.logits.shape == ref_logits.shape
+    assert (out.logits - ref_logits).abs().max() <= TOL64
+    assert out.tokens.tolist() == ref_tokens.tolist()
+    # random tiny models may settle on one repeated token; the logits still move at every step
+    assert (out.logits[:, 1:] - out.logits[:, :-1]).abs().amax(-1).min() > 1e-3
+
+
+def test_left_padded_batch_generation_equals_transformers_generate(pair):
+    """Batch of 2, left-padded: a very wide image in a short prompt, a large (downsampled) one in a long one."""
+    _, _, hf, model = pair
+    sizes = [(80, 300), (100, 100)]
+    rows = [prompt_ids(2, 3, model.num_image_tokens(sizes[0]), seed=31),
+            prompt_ids(6, 11, model.num_image_tokens(sizes[1]), seed=32)]
+    ids, mask = left_pad(rows)
+    assert len(rows[0]) != len(rows[1])
+    pixel_values, image_sizes = pixels(2, 33), torch.tensor(sizes)
+    ref_tokens, ref_logits = hf_generate(hf, ids, mask, pixel_values, image_sizes)
+    out = avl.generate(model, ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=mask,
+                       max_new_tokens=STEPS, output_logits=True)
+    assert (out.logits - ref_logits).abs().max() <= TOL64
+    assert out.tokens.tolist() == ref_tokens.tolist()
+
+
+def test_multi_image_prompt_generation_equals_transformers_generate(pair):
+    """A two-image prompt (one tile each) next to a one-image prompt (tiled): batch_num_images [2, 1]."""
+    _, _, hf, model = pair
+    sizes = [(120, 35), (30, 30), (40, 110)]
+    n = [model.num_image_tokens(s, multi_image=True) for s in sizes[:2]]
+    first = prompt_ids(2, 3, n[0], seed=41) + [IMAGE_TOKEN] * n[1] + [7, 8, 9]
+    ids, mask = left_pad([first, prompt_ids(4, 2, model.num_image_tokens(sizes[2]), seed=42)])
+    pixel_values, image_sizes, per_prompt = pixels(3, 43), torch.tensor(sizes), torch.tensor([2, 1])
+    ref_tokens, ref_logits = hf_generate(hf, ids, mask, pixel_values, image_sizes, per_prompt)
+    out = avl.generate(model, ids, pixel_values=pixel_values, image_sizes=image_sizes, batch_num_images=per_prompt,
+                       attention_mask=mask, max_new_tokens=STEPS, output_logits=True)
+    assert (out.logits - ref_logits).abs().max() <= TOL64
+    assert out.tokens.tolist() == ref_tokens.tolist()
+
+
+def test_generation_equals_transformers_generate_as_shipped(pair):
+    """transformers' own float32 RMSNorm statistics: the same tokens; logits within 1e-5 (measured up to 1.2e-6
+    over 16 steps; the issue's bound is 1e-4)."""
+    _, _, hf, model = pair
+    size = (40, 110)
+    ids = torch.tensor([prompt_ids(5, 4, model.num_image_tokens(size), seed=5)])
+    pixel_values, image_sizes = pixels(1, 5), torch.tensor([size])
+    ref_tokens, ref_logits = hf_generate(hf, ids, torch.ones_like(ids), pixel_values, image_sizes,
+                                         float64_norms=False)
+    out = avl.generate(model, ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=STEPS,
+                       output_logits=True)
+    assert (out.logits - ref_logits).abs().max() <= 1e-5
+    assert out.tokens.tolist() == ref_tokens.tolist()
+
+
 def test_float32_logits_match_transformers(pair):
     """float32: both sides round differently (SDPA kernels, summation order); 1e-3 absolute on logits of
     magnitude ~10 leaves room without hiding a real error (those move logits by O(1))."""
@@ -273,6 +357,19 @@ def test_image_token_count_not_matching_the_image_fails_with_both_numbers(pair):
         model(ids, None, None, [(30, 30)])
 
 
+def test_generate_checks_the_image_inputs_before_prefill(pair):
+    """avl.generate goes through the same checks as the dense forward: counts, and the multi-image grouping."""
+    model = pair[3]
+    n = model.num_image_tokens((30, 30))
+    ids = torch.tensor([prompt_ids(3, 5, n, seed=0)])
+    with pytest.raises(ValueError, match=rf"{n} image tokens \(id 300\) but 1 image\(s\) give "
+                                         rf"{model.num_image_tokens((40, 110))} features"):
+        avl.generate(model, ids, pixel_values=pixels(1, 0), image_sizes=torch.tensor([(40, 110)]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"batch_num_images=\[2\] must be ints >= 1 .* summing to the 1 image"):
+        avl.generate(model, ids, pixel_values=pixels(1, 0), image_sizes=torch.tensor([(30, 30)]),
+                     batch_num_images=torch.tensor([2]), max_new_tokens=2)
+
+
 def test_bad_image_inputs_name_the_value(pair):
     model = pair[3]
     ids = torch.tensor([prompt_ids(3, 5, model.num_image_tokens((30, 30)), seed=0)])
@@ -340,3 +437,27 @@ def test_processor_outputs_give_transformers_logits(tmp_path):
         out = model(**inputs)
     valid = inputs["attention_mask"].bool()
     assert (out[valid] - ref[valid]).abs().max() <= TOL64
+
+
+def test_chat_processor_generation_equals_transformers_generate(tmp_path):
+    """`load_chat_processor` on a transformers-written checkpoint directory: llava-hf's chat prompt, the Qwen2
+    stop ids, and its inputs through avl.generate give transformers' greedy tokens and float64 logits."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from avl.processing.auto import load_chat_processor
+    from tiny_llava import build_tiny_onevision_checkpoint
+
+    directory = build_tiny_onevision_checkpoint(tmp_path / "onevision")
+    chat = load_chat_processor(directory)
+    tokenizer = chat.processor.tokenizer
+    assert chat.prompt("Color?") == "<|im_start|>user <image>\nColor?<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.stop_token_ids == (tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
+    inputs = chat(["What is in this wide picture?", "Color?"], [noise_image(90, 30, 0), noise_image(40, 60, 1)])
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(directory, dtype=torch.float64).eval()
+    model = avl.load(directory, dtype=torch.float64)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    ref_tokens, ref_logits = hf_generate(hf, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                         inputs["image_sizes"], inputs["batch_num_images"])
+    out = avl.generate(model, **inputs, max_new_tokens=STEPS, output_logits=True)
+    assert (out.logits - ref_logits).abs().max() <= TOL64
+    assert out.tokens.tolist() == ref_tokens.tolist()

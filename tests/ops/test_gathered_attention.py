@@ -129,6 +129,56 @@ def test_duplicates_count_as_separate_keys(c):
     assert_close(out, probs, *gather_reference(q, k, v, idx, 0.2), c["dtype"])
 
 
+def cache_like_index(g, B, Hkv, N, pinned, core, width):
+    """An index list shaped like a decode step's: pinned rows 0..pinned-1 (some samples shorter: -1),
+    a scattered core set, then an evictable window from N - width with holes."""
+    start = N - width
+    cols = []
+    short = torch.randint(0, pinned + 1, (B,), generator=g)  # sample b has its first `short` pinned rows missing
+    system = torch.arange(pinned).expand(B, pinned).masked_fill(torch.arange(pinned) < short[:, None], -1)
+    cols.append(system[:, None].expand(B, Hkv, pinned))
+    scattered = torch.stack([torch.randperm(start - pinned, generator=g)[:core] + pinned for _ in range(B)])
+    cols.append(scattered[:, None].expand(B, Hkv, core))
+    window = (torch.arange(width) + start).expand(B, Hkv, width)
+    cols.append(window.masked_fill(torch.rand(B, Hkv, width, generator=g) < 0.3, -1))
+    return torch.cat(cols, dim=2).to(torch.int32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), Hkv=st.integers(1, 2), ratio=st.sampled_from([1, 4]),
+       pinned=st.integers(0, 40), core=st.integers(0, 20), width=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), garbage=st.booleans())
+def test_runs_of_consecutive_rows_read_in_place_match_the_reference(seed, B, Hkv, ratio, pinned, core, width, dtype,
+                                                                   garbage):
+    """Index lists as the cache builds them: the contiguous runs take the dense path, and a skipped row
+    holding NaN / inf (an unused slot) changes nothing."""
+    from avl.ops.reference import _column_runs
+
+    g = torch.Generator().manual_seed(seed)
+    N = pinned + core + 10 + width
+    Hq, D = Hkv * ratio, 64
+    q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dtype) for _ in range(2))
+    idx = cache_like_index(g, B, Hkv, N, pinned, core, width)
+    listed = torch.zeros(B, Hkv, N + 1, dtype=torch.bool)  # column N collects the -1 entries
+    listed = listed.scatter_(2, torch.where(idx >= 0, idx.long(), N), True)[..., :N]
+    clean_k, clean_v = k.clone(), v.clone()
+    if garbage:  # every row nobody attends holds NaN / inf
+        k.masked_fill_(~listed[..., None], float("nan"))
+        v.masked_fill_(~listed[..., None], float("inf"))
+    scale = D**-0.5
+    ref_out, ref_probs = dense_reference(q, clean_k, clean_v, idx, scale)
+    out, probs = gathered_attention_torch(q, k, v, idx, scale)
+    assert_close(out, probs, ref_out, ref_probs, dtype)
+    valid = (idx >= 0).long()
+    runs = _column_runs(idx.long(), valid.bool(), N)
+    assert sum(r.stop - r.start for r in runs) == idx.shape[2]
+    first_listed = int((idx[..., -width:] >= 0).any(dim=(0, 1)).long().argmax())
+    if width - first_listed >= 16:  # the evictable window (from its first listed column) is read in place
+        last = runs[-1]
+        assert last.base >= 0 and last.stop == idx.shape[2] and last.start <= idx.shape[2] - width + first_listed
+
+
 def test_all_skipped_gives_zeros_and_garbage_rows_are_ignored():
     q, k, v, idx = make_case(0, 2, 8, 2, 30, 12, 64, torch.float32)
     idx = (idx % 29 + 1).to(torch.int32)  # never row 0
