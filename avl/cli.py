@@ -27,7 +27,7 @@ LEGACY_FLAGS = {
     ("avl", "secondary"): "--secondary", ("avl", "core"): "--core", ("avl", "refresh_every"): "--refresh-every",
     ("avl", "prefill_keep"): "--prefill-keep", ("avl", "prefill_layer"): "--prefill-layer",
     ("avl", "text_keep"): "--text-keep", ("h2o", "heavy_share"): "--heavy-share",
-    ("streaming", "sinks"): "--sinks", ("streaming", "window"): "--window",
+    ("streaming", "sinks"): "--sinks", ("streaming", "window"): "--window", ("streaming", "positions"): "--positions",
 }
 
 

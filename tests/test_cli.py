@@ -38,6 +38,7 @@ def test_generate_reads_a_checkpoint_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--policy", "avl", "--window", "3"], "--window belongs to --policy streaming"),
+    (["demo", "--policy", "avl", "--positions", "original"], "--positions belongs to --policy streaming"),
     (["demo", "--policy", "avl", "--core", "0.5"], "core is set but secondary"),
     (["demo", "--policy", "h2o", "--h2o-budget", "1.5"], "budget=1.5"),
     (["generate", "--model", "x", "--image", "/no/such.png", "--prompt", "p"], "/no/such.png"),
@@ -167,3 +168,16 @@ def test_demo_overwrites_with_overwrite(tmp_path, capsys):
     main(["demo", "--out", str(out), "--overwrite", "--max-new-tokens", "1"])
     assert capsys.readouterr().out.startswith("answer: ")
     assert '"model_type": "llava"' in (out / "config.json").read_text()
+
+
+def test_streaming_positions_is_a_policy_option():
+    import argparse
+
+    from avl.cache.policies import StreamingLLM
+    from avl.cli import add_policy_options, policy_from_args
+
+    parser = argparse.ArgumentParser()
+    add_policy_options(parser)
+    args = parser.parse_args(["--policy", "streaming", "--window", "8", "--positions", "original"])
+    assert policy_from_args(args) == StreamingLLM(window=8, positions="original")
+    assert policy_from_args(parser.parse_args(["--policy", "streaming"])).positions == "shifted"

@@ -88,8 +88,9 @@ def test_image_count_not_matching_the_image_tokens_fails_clearly(model, n_images
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy,steps", [(avl.Full(), 32), (avl.AVL(0.45, 0.30, 3, 0.9, 0.5), 64),
-                                          (avl.AdaKV(avl.SnapKV(0.5, window_size=4, kernel_size=3)), 32)],
-                         ids=["full", "avl", "adakv"])
+                                          (avl.AdaKV(avl.SnapKV(0.5, window_size=4, kernel_size=3)), 32),
+                                          (avl.StreamingLLM(sinks=2, window=8), 32)],
+                         ids=["full", "avl", "adakv", "streaming-shifted"])
 def test_compiled_decode_has_no_graph_breaks_and_compiles_once_per_variant(model, policy, steps):
     from torch._dynamo.utils import counters
 

@@ -51,6 +51,7 @@ POLICIES = [
     KNorm(0.6),
     ObservedAttention(0.5),
     RandomEviction(0.5, seed=1),
+    avl.StreamingLLM(sinks=2, window=8, positions="original"),
 ]
 
 

@@ -16,6 +16,10 @@ What a step reads follows what is live:
   stay below the largest live count seen so far; the host knows that count without reading the
   device (`DecodePlan`), so the capacity sized at prefill for `max_new_tokens` costs nothing.
 
+A policy that `shifts_positions` (StreamingLLM's pos_shift) has the cache hold unrotated keys: each
+step rotates the rows it reads, `[pinned | evictable up to width]`, at their index inside the
+cache and the query at the cache length, through the family's `Rotate` (never the whole capacity).
+
 Buffers never change shape after prefill; `width` is a Python int that `torch.compile(dynamic=True)`
 treats as one symbolic size, so compiled decode stays one graph per step kind (ordinary, refresh).
 A cross-attention block (Llama-3.2-Vision) has a `CrossLayerCache`: image K/V built once in prefill.
@@ -98,6 +102,11 @@ def keep_heavy_and_recent(live: Tensor, order: Tensor, score: Tensor, heavy: Ten
     return keep_recent | top_rows(score, live & ~keep_recent, heavy[:, None])
 
 
+Rotate = Callable[[Tensor, Tensor, bool], Tensor]
+"""`rotate(x, positions, query)`: x [B, H, N, D] rotated at integer positions [B, H, N] with the
+family's rotary (`query`: x holds queries, which also take the family's query-only factor)."""
+
+
 @dataclass
 class LayerCache:
     """One self-attention layer's cache. Index tensors hold slot numbers, -1 where a sample has fewer rows."""
@@ -114,6 +123,7 @@ class LayerCache:
     seen: Tensor  # [B] rows that ever entered the evictable region
     used: Tensor  # [] head-rows attended in the last step (the prefill's last row until a decode step ran)
     budget: Budget = field(default_factory=Budget)  # the policy's rule for the evictable rows
+    shifted: bool = False  # keys held unrotated, rotated at their index inside the cache each step
     # when set, called with (idx, probs) after each step's attention: eager runs only (`avl.analysis`)
     observer: Callable[[Tensor, Tensor], None] | None = field(default=None, repr=False, compare=False)
 
@@ -131,16 +141,28 @@ class LayerCache:
         evictable = torch.where(self.live[..., :width], slots, -1)
         return torch.cat([pinned, evictable], dim=2).to(torch.int32)
 
-    def step(self, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float, refresh: bool, width: int) -> Tensor:
+    def step(self, q: Tensor, k_new: Tensor, v_new: Tensor, scale: float, refresh: bool, width: int,
+             rotate: Rotate | None = None) -> Tensor:
         """One decode step of this layer: append the new row, attend, update the statistics.
 
         q [B, Hq, 1, D], k_new/v_new [B, Hkv, 1, D] -> out [B, Hq, 1, D]. `width` (from `DecodePlan`)
         bounds the evictable slots read; `refresh` attends all secondary rows and re-ranks the core.
+        A `shifted` cache takes q and k_new unrotated and rotates them (and the rows it reads) with
+        `rotate` at their positions inside the cache (`cache_positions`).
         """
         self.append(k_new, v_new, width)
         idx = self.indices(refresh, width)
+        k, v = self.k, self.v
+        if self.shifted:
+            if rotate is None:
+                raise ValueError("this layer cache holds unrotated keys (a policy with shifted positions): "
+                                 "step needs `rotate`, the family's rotary at given positions")
+            end = self.evictable_start + width  # every slot idx can name lies below
+            query_pos, key_pos = self.cache_positions(width)
+            q = rotate(q, query_pos.repeat_interleave(q.shape[1] // query_pos.shape[1], dim=1)[..., None], True)
+            k, v = rotate(self.k[:, :, :end], key_pos, False), self.v[:, :, :end]
         # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
-        out, probs = gathered_attention(q, self.k, self.v, idx, scale, validate=False)
+        out, probs = gathered_attention(q, k, v, idx, scale, validate=False)
         if self.observer is not None:
             self.observer(idx, probs)
         self.used.copy_((idx >= 0).sum())
@@ -153,6 +175,25 @@ class LayerCache:
             start = self.system.shape[1]
             self.refresh_core(probs[:, :, start:start + self.vision.shape[1]].mean(1))
         return out
+
+    def cache_positions(self, width: int) -> tuple[Tensor, Tensor]:
+        """Positions inside the cache (the original StreamingLLM's pos_shift), after this step's append:
+        query [B, Hkv] and keys [B, Hkv, P + width] of the slots `[pinned | evictable up to width]`.
+
+        The cache's rows in order are the pinned rows (slot order) and then the live evictable rows
+        by entry; row i is at position i, so the new token (the newest row) is at the cache length
+        before it, as the query. The live evictable rows are the most recent ones (a recency-only
+        budget), so a row's rank among them is its entry number minus the oldest one's.
+        Empty slots get position 0 (they are never attended)."""
+        heads = self.live.shape[1]
+        pinned = torch.cat([self.system, self.vision], dim=1) >= 0  # [B, P]
+        n_pinned = pinned.sum(-1)  # [B]
+        pinned_pos = (pinned.long().cumsum(-1) - 1).clamp(min=0)[:, None].expand(-1, heads, -1)
+        live = self.live[..., :width]
+        count = live.sum(-1)  # [B, Hkv] rows held, the new one included
+        oldest = self.seen[:, None] - count  # entry number of the oldest live row
+        evict_pos = (n_pinned[:, None, None] + self.order[..., :width] - oldest[..., None]).masked_fill(~live, 0)
+        return n_pinned[:, None] + count - 1, torch.cat([pinned_pos, evict_pos], dim=2)
 
     def append(self, k_new: Tensor, v_new: Tensor, width: int) -> None:
         """Write the new token's k/v [B, Hkv, 1, D] into the first free evictable slot of each head,
@@ -355,7 +396,7 @@ class ModalCache:
 
     layers: list[LayerCache | CrossLayerCache | None]
     policy: Policy  # the policy the cache was built for
-    next_position: Tensor  # [B] rotary position of the next token
+    next_position: Tensor  # [B] original position of the next token (the rotary one unless positions are shifted)
     full_rows: Tensor  # [B] rows an uncompressed cache would hold now (prompt + generated tokens)
     new_tokens: int  # decode steps the capacity was sized for
     rotary_state: Tensor | None = None

@@ -103,6 +103,13 @@ class Policy:
         """Whether prefill `layer` must score image rows by the last prompt token's attention."""
         return self.selects_image_rows() or self.prune_keep(layer) is not None
 
+    def shifts_positions(self) -> bool:
+        """Whether decode rotates every attended key at its index inside the cache and the query at
+        the cache length (StreamingLLM's pos_shift), rather than at the rows' original positions.
+        The cache then holds unrotated keys. Needs a recency-only `eviction` (`Budget(fixed=...)` or
+        none): the cache ranks its evictable rows by entry number (`LayerCache.cache_positions`)."""
+        return False
+
 
 class FeaturePolicy:
     """Base of the policies that select image features before they enter the language model or
@@ -252,14 +259,37 @@ class H2O(Policy):
 
 @dataclass(frozen=True)
 class StreamingLLM(Policy):
-    """Attention sinks: the first `sinks` rows plus a window of the `window` most recent rows."""
+    """Attention sinks: the first `sinks` rows plus a window of the `window` most recent rows
+    (the original's `start_size` and `recent_size`).
+
+    Prefill attends the whole prompt densely at its original positions; the cache then keeps the
+    first `sinks` valid prompt rows and the last `window` of the others. Each decode step attends
+    those rows plus the new token (`sinks + window + 1` rows once the window is full) and then
+    drops the oldest window row, as the original's `StartRecentKVCache` called after each step.
+
+    `positions` sets the rotary positions of decode:
+
+    - "shifted" (default, the original's pos_shift): keys are cached unrotated; each step rotates
+      the attended rows at their index inside the cache, sinks then window rows in order
+      (0, 1, ..., n - 1 for the n cached rows, the new token's key at n), and the query at n, the
+      cache length. Distances never exceed `sinks + window`, however long the generation.
+    - "original": keys are rotated once at their original positions and the query at its own
+      (prompt length + step), so distances grow with the generation, as in the uncompressed model.
+
+    A prompt with fewer than `sinks` valid rows pins all of them; the original would also pin the
+    first generated tokens up to `sinks` (avl's sinks are prompt rows only).
+    """
 
     sinks: int = 4
     window: int = 256
+    positions: str = "shifted"
 
     def __post_init__(self) -> None:
         _check_count("sinks", self.sinks, 0)
         _check_count("window", self.window, 1)
+        if self.positions not in ("shifted", "original"):
+            raise ValueError(f"positions={self.positions!r} is not a StreamingLLM position rule; allowed: 'shifted' "
+                             "(the original's pos_shift: positions inside the cache) or 'original' (the rows' own)")
 
     def roles(self, layout: PromptLayout) -> Tensor:
         order = layout.valid.long().cumsum(-1)  # 1-based rank among valid rows
@@ -268,6 +298,9 @@ class StreamingLLM(Policy):
 
     def eviction(self) -> Budget:
         return Budget(fixed=self.window)
+
+    def shifts_positions(self) -> bool:
+        return self.positions == "shifted"
 
 
 def build_layer_cache(
@@ -281,7 +314,8 @@ def build_layer_cache(
     new_tokens: int,
     prompt_keep: Tensor | None = None,
 ) -> LayerCache:
-    """Compact one layer's prefill K/V [B, Hkv, L, D] into its `LayerCache`.
+    """Compact one layer's prefill K/V [B, Hkv, L, D] into its `LayerCache` (keys unrotated when
+    the policy `shifts_positions`, rotated at their original positions otherwise).
 
     image_scores [B, L]: head-mean attention of the last prompt token (needed when the policy
     selects image rows); evict_scores [B, Hkv, L]: attention received from the scoring queries;
@@ -356,6 +390,7 @@ def build_layer_cache(
         seen=seen,
         used=layout.valid.sum() * heads,  # the prefill's last row attended every valid prompt row
         budget=budget,
+        shifted=policy.shifts_positions(),
     )
     vision_scores = image_scores.gather(1, vision_rows.clamp(min=0))
     layer.refresh_core(vision_scores)

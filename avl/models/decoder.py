@@ -3,12 +3,14 @@
 A family's language model subclasses `CachedDecoder` and provides `embed_tokens`, `layers`,
 `norm`, `lm_head` and `rotary(positions, dtype)` (`prompt_rotary(layout, dtype)` when the prompt's
 rotary positions are not `layout.positions`: Qwen2-VL's M-RoPE). A self-attention block has
-`input_layernorm`, a `self_attn` with `project(x, a, b) -> q, k, v`, `output(out)` and `scale`,
-and `finish(h, attn_out) -> h` (residual, MLP). The pair `(a, b)` that `rotary` returns is opaque
-to the loop and goes to `project` as is: cos and sin for Llama; Qwen's rotary table and logn
-query scale. A cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads
-image features in prefill and its `CrossLayerCache` in decode. The cache policies then work on
-every family unchanged.
+`input_layernorm`, a `self_attn` with `qkv(x) -> q, k, v` (unrotated), `rotate_query(q, a, b)`,
+`rotate_key(k, a, b)`, `output(out)` and `scale`, and `finish(h, attn_out) -> h` (residual, MLP).
+The pair `(a, b)` that `rotary` returns is opaque to the loop and goes to the rotations as is: cos
+and sin for Llama; Qwen's rotary table and logn query scale. A policy that `shifts_positions`
+(StreamingLLM's pos_shift) caches the keys unrotated, and each decode step rotates the rows it
+attends at their index inside the cache through the same hooks (`decode_rotary` per row). A
+cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads image features in
+prefill and its `CrossLayerCache` in decode. The cache policies then work on every family unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
-from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache
+from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache, Rotate
 from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
 from avl.models.layers import attention_probs, attention_received, prefill_attention
 
@@ -73,7 +75,7 @@ class CachedDecoder(nn.Module):
     lm_head: nn.Linear
 
     def rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The position tables `project` takes for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
+        """The position tables the rotations take for rotary positions [B, L] (Llama: cos, sin [B, 1, L, D])."""
         raise NotImplementedError
 
     def prompt_rotary(self, layout: PromptLayout, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -89,6 +91,19 @@ class CachedDecoder(nn.Module):
     def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Rotary tables of a decode step at positions [B]."""
         return self.rotary(position[:, None], dtype)
+
+    def _rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
+        """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables, one
+        table row per rotated row (positions may differ by head), with the prompt's `rotary_state`."""
+        def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
+            b, heads, n, d = x.shape
+            state = None if rotary_state is None else rotary_state.repeat_interleave(heads * n, dim=0)
+            tables = self.decode_rotary(positions.reshape(-1), state, x.dtype)
+            rows = x.reshape(b * heads * n, 1, 1, d)
+            rotated = attn.rotate_query(rows, *tables) if query else attn.rotate_key(rows, *tables)
+            return rotated.reshape(b, heads, n, d)
+
+        return rotate
 
     def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
         """Raise if the policies cannot run on this model (a layer it lacks, a feature policy it has no use for)."""
@@ -124,14 +139,16 @@ class CachedDecoder(nn.Module):
                 caches.append(layer_cache)
                 continue
             attn = block.self_attn
-            q, k, v = attn.project(block.input_layernorm(h), a, b)
+            q, raw_k, v = attn.qkv(block.input_layernorm(h))
+            q, k = attn.rotate_query(q, a, b), attn.rotate_key(raw_k, a, b)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
             scored = policy.needs_image_scores(i) or self.observer is not None
             image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
             prompt_keep = policy.prompt_keep(i, len(self.layers), q, k, layout.valid, attn.scale)
-            self_cache = build_layer_cache(policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens,
-                                           prompt_keep)
+            cached_k = raw_k if policy.shifts_positions() else k
+            self_cache = build_layer_cache(policy, layout, cached_k, v, n_image, image_scores, evict_scores,
+                                           new_tokens, prompt_keep)
             if self.observer is not None:
                 self.observer.prefill(i, layout, image_scores)
                 self_cache.observer = partial(self.observer.decode, i)
@@ -178,15 +195,22 @@ class CachedDecoder(nn.Module):
         """
         step = cache.next_step() if step is None else step
         h = self.embed_tokens(token)[:, None]  # [B, 1, C]
-        a, b = self.decode_rotary(cache.next_position, cache.rotary_state, h.dtype)
+        shifted = cache.policy.shifts_positions()
+        if not shifted:
+            a, b = self.decode_rotary(cache.next_position, cache.rotary_state, h.dtype)
         for block, layer_cache, width in zip(self.layers, cache.layers, step.widths):
             if isinstance(block, CrossAttentionBlock):
                 if layer_cache is not None:
                     h = block.decode(h, layer_cache)
                 continue
             attn = block.self_attn
-            q, k, v = attn.project(block.input_layernorm(h), a, b)
-            out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)
+            q, k, v = attn.qkv(block.input_layernorm(h))
+            if shifted:  # the cache rotates q, k and the rows it attends at their positions inside it
+                out = layer_cache.step(q, k, v, attn.scale, step.refresh, width,
+                                       self._rotation(attn, cache.rotary_state))
+            else:
+                q, k = attn.rotate_query(q, a, b), attn.rotate_key(k, a, b)
+                out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)
             h = block.finish(h, out)
         cache.advance()
         return self.lm_head(self.norm(h[:, 0]))

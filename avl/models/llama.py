@@ -71,13 +71,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, C] -> rotated q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]."""
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, C] -> unrotated q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return q, k, v
+
+    def rotate_query(self, q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rotary(q, cos, sin)
+
+    def rotate_key(self, k: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rotary(k, cos, sin)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, C] -> rotated q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, D]."""
+        q, k, v = self.qkv(x)
+        return self.rotate_query(q, cos, sin), self.rotate_key(k, cos, sin), v
 
     def output(self, out: Tensor) -> Tensor:
         """out [B, Hq, L, D] -> [B, L, C]."""

@@ -228,6 +228,15 @@ class Qwen2VLTextModel(LlamaModel):
         cfg = self.config
         return mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype)
 
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Refuses shifted positions: they re-rotate every cached key at its 1-D index inside the cache,
+        which has no M-RoPE counterpart for the prompt's image rows (3-D positions)."""
+        super().check_policy(policy, feature_policy)
+        if policy.shifts_positions():
+            raise ValueError(f"{policy!r}: shifted positions (StreamingLLM's pos_shift) re-rotate every cached key "
+                             "at its 1-D index inside the cache, but Qwen2-VL rotates the prompt's image rows by "
+                             "M-RoPE (3-D positions), which that rule does not define; use positions='original'")
+
     def prompt_rotary(self, layout: PromptLayout, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if layout.rope_positions is None:
             raise ValueError("Qwen2-VL's prompt layout needs rope_positions [3, B, L] (from rope_index)")

@@ -131,14 +131,27 @@ class QwenAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
 
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, C] -> unrotated q, k, v [B, H, L, D] (q without the logn factor)."""
+        b, n, _ = x.shape
+        q, k, v = self.c_attn(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D]
+        return q, k, v
+
+    def rotate_query(self, q: Tensor, cos_sin: Tensor, q_scale: Tensor) -> Tensor:
+        """Rotary, then the logn factor q_scale [B, 1, L, 1]."""
+        return rotate(q, cos_sin) * q_scale.to(q.dtype)
+
+    def rotate_key(self, k: Tensor, cos_sin: Tensor, q_scale: Tensor) -> Tensor:
+        """Rotary only: keys take no logn factor."""
+        return rotate(k, cos_sin)
+
     def project(self, x: Tensor, cos_sin: Tensor, q_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, C] -> rotated q (times the logn factor q_scale [B, 1, L, 1]), k, v [B, H, L, D].
 
         `cos_sin`, `q_scale` are what `QwenLM.rotary` returns (CachedDecoder passes them through).
         """
-        b, n, _ = x.shape
-        q, k, v = self.c_attn(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, D]
-        return rotate(q, cos_sin) * q_scale.to(q.dtype), rotate(k, cos_sin), v
+        q, k, v = self.qkv(x)
+        return self.rotate_query(q, cos_sin, q_scale), self.rotate_key(k, cos_sin, q_scale), v
 
     def output(self, out: Tensor) -> Tensor:
         """out [B, H, L, D] -> [B, L, C]."""

@@ -45,7 +45,8 @@ def policies(draw):
     if kind == "h2o":
         return avl.H2O(budget=draw(st.sampled_from([0.3, 0.5, 1.0])), heavy_share=draw(st.sampled_from([0.0, 0.25, 0.5])))
     if kind == "streaming":
-        return avl.StreamingLLM(sinks=draw(st.integers(0, 3)), window=draw(st.integers(1, 8)))
+        return avl.StreamingLLM(sinks=draw(st.integers(0, 3)), window=draw(st.integers(1, 8)),
+                                positions=draw(st.sampled_from(["shifted", "original"])))
     secondary = draw(ratios)
     core = draw(st.sampled_from([None, 0.1, 0.25])) if secondary is not None else None
     core = min(core, secondary) if core is not None else None
@@ -104,6 +105,11 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
         # the reference: append, attend every selected row, then H2O recomputed over all live rows
         ref = copy.deepcopy(cache)
         ref.append(k_new, v_new, ref.live.shape[2])
+        # the slots of the rows the step attends, in cache order: pinned rows, then live evictable rows by entry
+        cache_rows = [[[int(x) for x in ref.system[s] if x >= 0]
+                       + [ref.evictable_start + j for j in sorted(torch.nonzero(ref.live[s, h]).flatten().tolist(),
+                                                                  key=lambda j: int(ref.order[s, h, j]))]
+                       for h in range(HEADS)] for s in range(b)]
         # the step's width is the largest live count of the batch right after the append: nothing beyond
         assert width == int(ref.live.sum(-1).max()) and ref.occupied_width() <= width
         idx = ref.indices(planned.refresh, ref.live.shape[2])
@@ -112,7 +118,23 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             ref.score.add_(ref_probs[:, :, idx.shape[2] - ref.live.shape[2]:])
             ref.live.copy_(keep_heavy_and_recent(ref.live, ref.order, ref.score, *budget.counts(ref.seen)))
 
-        out = cache.step(q, k_new, v_new, DIM**-0.5, planned.refresh, width)
+        calls = []
+
+        def rotate(x, positions, query):  # records what the cache asks; identity, so `out` is comparable
+            calls.append((query, positions.clone()))
+            return x
+
+        out = cache.step(q, k_new, v_new, DIM**-0.5, planned.refresh, width, rotate if cache.shifted else None)
+        if cache.shifted:  # pos_shift: row i of [pinned rows | live evictable rows by entry] is at position i
+            (_, query_pos), (_, key_pos) = calls
+            assert [c[0] for c in calls] == [True, False]
+            for s in range(b):
+                for h in range(HEADS):
+                    rows = cache_rows[s][h]
+                    assert [int(key_pos[s, h, slot]) for slot in rows] == list(range(len(rows)))
+                    assert int(query_pos[s, h, 0]) == len(rows) - 1  # the new token's own index: the cache length
+        else:
+            assert calls == []
         assert int(cache.used) == int((idx >= 0).sum())  # the rows attended, counted over heads
         assert torch.equal(cache.live, ref.live)
         assert torch.equal(cache.k, ref.k) and torch.isfinite(out).all()

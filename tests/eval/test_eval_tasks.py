@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from avl.cache.policies import AVL, FastV, Full
+from avl.cache.policies import AVL, FastV, Full, StreamingLLM
 from avl.eval import TASKS, TaskError, get_family, get_task
 from avl.eval.sweep import parse_grid, policy_label, policy_slug, sweep_policies, sweep_table
 
@@ -136,9 +136,12 @@ def test_grid_is_a_cartesian_product_and_skips_invalid_combinations():
     assert all("core=0.4 exceeds secondary=0.3" in note for note in skipped)
     assert parse_grid("fastv: keep=0.25,0.5")[0] == [FastV(keep=0.25), FastV(keep=0.5)]
     assert parse_grid("full")[0] == [Full()]
+    assert parse_grid("streaming: window=8 positions=shifted,original")[0] == [
+        StreamingLLM(window=8), StreamingLLM(window=8, positions="original")]
     policies, _ = sweep_policies(["secondary=0.5", "full"], baselines=True)
     assert [policy_slug(p) for p in policies] == ["avl-secondary0.5", "full", "fastv-layer2-keep0.5",
-                                                  "h2o-budget0.5-heavy_share0.25", "streaming-sinks4-window256"]
+                                                  "h2o-budget0.5-heavy_share0.25",
+                                                  "streaming-sinks4-window256-positionsshifted"]
     assert policy_label(FastV(keep=0.25)) == "fastv layer=2 keep=0.25"
     assert policy_label(AVL(0.5, 0.25, 3)) == "avl secondary=0.5 core=0.25 refresh_every=3"
     with pytest.raises(ValueError, match="fastv has no field 'secondary'; its fields: layer, keep"):

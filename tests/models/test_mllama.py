@@ -10,7 +10,7 @@ import torch
 
 import avl
 from avl.cache.layout import PromptLayout
-from avl.cache.policies import AVL, H2O, FastV, Full, Policy
+from avl.cache.policies import AVL, H2O, FastV, Full, Policy, StreamingLLM
 from avl.cache.trim import Trim
 from avl.models.mllama import Mllama, MllamaConfig
 from avl.weights import KeyMap, load_checkpoint, read_config
@@ -292,7 +292,8 @@ def test_trim_halves_the_cross_attention_bytes_in_the_stats(model):
 # ---------------------------------------------------------------- batching
 
 BATCH_POLICIES = [(Full(), None), (Full(), Trim(keep=0.5, criterion="sum")), (Full(), Trim(keep=0.4)),
-                  (AVL(text_keep=0.5, text_min_budget=2), Trim(keep=0.5, criterion="sum")), (H2O(budget=0.5), None)]
+                  (AVL(text_keep=0.5, text_min_budget=2), Trim(keep=0.5, criterion="sum")), (H2O(budget=0.5), None),
+                  (StreamingLLM(sinks=2, window=4), None), (StreamingLLM(sinks=2, window=4, positions="original"), None)]
 
 
 @pytest.mark.parametrize("policy,features", BATCH_POLICIES, ids=lambda p: repr(p)[:70])
@@ -307,6 +308,18 @@ def test_batch_with_different_prompt_lengths_and_tile_counts_equals_each_sample_
         assert tokens[i].tolist() == ref_tokens[0].tolist()
         assert (logits[i] - ref_logits[0]).abs().max() <= 1e-8
         assert slot_rows(cache)[i] == slot_rows(ref_cache)[0]
+
+
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_streaming_llm_that_evicts_nothing_equals_the_full_cache(model, positions):
+    """Nothing evicted: a row's index inside the cache is its position, so "shifted" rotates each key and
+    query of the self-attention layers where the full cache does."""
+    inputs = batch([prompt(2, 4, 71), prompt(7, 9, 72)], [[1], [6]], seed=71)
+    tokens, logits, _ = greedy(model, inputs, Full(), steps=10)
+    policy = StreamingLLM(sinks=2, window=64, positions=positions)
+    streaming_tokens, streaming_logits, _ = greedy(model, inputs, policy, steps=10)
+    assert streaming_tokens.tolist() == tokens.tolist()
+    assert (streaming_logits - logits).abs().max() <= 1e-10
 
 
 def test_generate_forwards_the_image_inputs_and_load_dispatches_on_model_type(hf_mllama, model):

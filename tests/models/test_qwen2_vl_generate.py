@@ -41,8 +41,13 @@ POLICIES = [
     avl.AVL(prefill_keep=0.5),
     avl.FastV(layer=1, keep=0.5),
     avl.H2O(budget=0.5),
-    avl.StreamingLLM(sinks=2, window=8),
+    avl.StreamingLLM(sinks=2, window=8, positions="original"),  # "shifted" is refused: no M-RoPE rule
 ]
+
+
+def test_shifted_streaming_positions_are_refused_with_the_reason(deep_model):
+    with pytest.raises(ValueError, match="M-RoPE.*use positions='original'"):
+        avl.generate(deep_model, **inputs(SAMPLES[:1]), policy=avl.StreamingLLM(sinks=2, window=8), max_new_tokens=2)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -201,6 +201,19 @@ def test_avl_with_every_ratio_one_equals_the_full_cache(ntk_model):
     assert max_diff(ones.logits, full.logits) <= 1e-10
 
 
+@pytest.mark.parametrize("positions", ["shifted", "original"])
+def test_streaming_llm_that_evicts_nothing_equals_the_full_cache(ntk_model, positions):
+    """Nothing evicted: a row's index inside the cache is its position, so "shifted" rotates each key
+    and query where the full cache does, with the prompt's NTK alpha and logn (past seq_length=16)."""
+    rows = [prompt(5, 6, 0), prompt(14, 20, 1)]  # alphas 3 and 7
+    ids, mask = left_pad(rows)
+    kwargs = dict(pixel_values=images(2, 3), attention_mask=mask, max_new_tokens=10, output_logits=True)
+    full = avl.generate(ntk_model, ids, **kwargs)
+    streaming = avl.generate(ntk_model, ids, policy=avl.StreamingLLM(sinks=4, window=64, positions=positions), **kwargs)
+    assert streaming.tokens.tolist() == full.tokens.tolist()
+    assert max_diff(streaming.logits, full.logits) <= 1e-10
+
+
 @torch.inference_mode()
 def test_two_images_in_one_prompt_fill_their_spans_in_order(ntk_model):
     two = prompt(3, 4, 6) + prompt(2, 5, 7)
