@@ -224,7 +224,7 @@ class LlavaNext(Llava):
         pixel_values [N_images, T, 3, S, S] and image_sizes [N_images, 2] (height, width) as
         `LlavaNextImageProcessor` returns them, images in the order of their tokens in the batch.
         """
-        self._check_sliding_window(attention_mask, new_tokens)
+        self._check_sliding_window(attention_mask, new_tokens + 1)  # tokens generated: the decode steps + 1
         embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
         return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
