@@ -1,5 +1,5 @@
 """Efficiency in every result: time to first token, time per output token, KV bytes and peak memory
-per sample, in the summary (JSON and printed), kept across a resume.
+per sample, in the summary (JSON and printed), kept across a resume, and in sweep tables and plots.
 The numbers are checked against the `GenerationOutput` that `avl.generate` returned for the sample."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from avl.cache.policies import AVL
-from avl.eval import EvalConfig, evaluate, load_for_eval, runner
+from avl.cache.policies import AVL, Full
+from avl.eval import EvalConfig, evaluate, load_for_eval, run_sweep, runner
 from avl.eval.efficiency import efficiency_summary, peak_memory
 from avl.eval.results import format_summary
+from avl.eval.sweep import plot_points, sweep_table
 from avl.eval.tiny import write_tiny_jsonl
 from avl.tiny import build_tiny_llava
 
@@ -159,3 +160,40 @@ def test_efficiency_summary_of_hand_made_records():
                        "peak_memory_source": "cuda_max_memory_allocated", "timed_samples": 3}
     assert efficiency_summary([], None) == dict.fromkeys(FIELDS) | {"peak_memory_source": None, "timed_samples": 0}
     assert peak_memory(torch.device("meta")) == (None, None)  # neither the CUDA allocator nor the process RSS
+
+
+def test_sweep_table_and_plot_data_carry_the_efficiency(checkpoint, loaded, tmp_path):
+    data = write_tiny_jsonl("vqav2_val", tmp_path / "data", n=2)
+    base = config(checkpoint, data, tmp_path / "unused", max_new_tokens=3)
+    rows = run_sweep(base, [Full(), AVL(secondary=0.25), AVL(secondary=0.5)], tmp_path / "sweep", loaded=loaded,
+                     plot=False)
+    for row in rows:
+        summary = json.loads((Path(row["out"]) / "summary.json").read_text())
+        assert min(row["ttft_ms"], row["time_per_token_ms"], row["peak_memory_mb"]) > 0
+        assert row["ttft_ms"] == pytest.approx(1e3 * summary["efficiency"]["ttft_s"])
+        assert row["time_per_token_ms"] == pytest.approx(1e3 * summary["efficiency"]["time_per_token_s"])
+        assert row["peak_memory_mb"] == pytest.approx(summary["efficiency"]["peak_memory_bytes"] / 2**20)
+        assert row["stored_mb"] == pytest.approx(summary["efficiency"]["kv_stored_bytes"] / 2**20)
+    header = (tmp_path / "sweep" / "sweep.md").read_text().splitlines()[0]
+    assert "| ttft_ms | time_per_token_ms | peak_memory_mb |" in header
+    assert "ttft_ms,time_per_token_ms,peak_memory_mb" in (tmp_path / "sweep" / "sweep.csv").read_text()
+
+    panels = plot_points(rows)
+    assert list(panels) == ["stored_mb", "time_per_token_ms"]
+    kv, time = panels["stored_mb"], panels["time_per_token_ms"]
+    assert kv["full"] == [(rows[0]["stored_mb"], rows[0]["score"])]
+    assert kv["avl"] == sorted([(rows[1]["stored_mb"], rows[1]["score"]), (rows[2]["stored_mb"], rows[2]["score"])])
+    assert kv["avl"][0][0] < kv["avl"][1][0] < kv["full"][0][0]
+    assert time["avl"] == sorted((r["time_per_token_ms"], r["score"]) for r in rows[1:])
+
+
+def test_plot_points_leave_out_rows_without_a_value():
+    rows = [{"family": "full", "score": 0.5, "stored_mb": 2.0, "time_per_token_ms": None, "metric": "accuracy"},
+            {"family": "avl", "score": None, "stored_mb": 1.0, "time_per_token_ms": 3.0, "metric": "accuracy"},
+            {"family": "avl", "score": 0.25, "stored_mb": 1.5, "time_per_token_ms": 2.0, "metric": "accuracy"}]
+    assert plot_points(rows) == {"stored_mb": {"full": [(2.0, 0.5)], "avl": [(1.5, 0.25)]},
+                                 "time_per_token_ms": {"avl": [(2.0, 0.25)]}}
+    markdown, _ = sweep_table([rows[0] | {"policy": "full"}])
+    header, _, row = (line.split(" | ") for line in markdown.splitlines())
+    cells = dict(zip(header, row, strict=True))
+    assert (cells["stored_mb"], cells["time_per_token_ms"]) == ("2.0000", "n/a")  # no per-token time: n/a, not 0
