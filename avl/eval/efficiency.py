@@ -9,7 +9,7 @@ A record's ``efficiency`` (:func:`record_efficiency`, from :class:`avl.generate.
   (one entry per decode step); ``None`` when no decode step ran (one token generated);
 * ``decode_steps``: the number of decode steps, ``len(timings.step_s)``;
 * ``peak_memory_bytes`` and ``peak_memory_source``: on CUDA ``"cuda_max_memory_allocated"``, the
-  allocator's peak during the sample's generation (reset before it); on CPU
+  allocator's peak during the sample's generation (reset before it; the weights are part of it); on CPU
   ``"process_rss_high_water"``, the process's resident-set high-water mark at the end of the
   sample's generation (``getrusage(RUSAGE_SELF).ru_maxrss``): it never goes down, so it is the peak
   of the whole process so far (weights, earlier samples), not of this sample alone. ``None`` on
