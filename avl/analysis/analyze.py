@@ -105,11 +105,12 @@ def language_decoder(model: nn.Module) -> CachedDecoder:
 def observing(model: nn.Module, observer: AttentionObserver) -> Iterator[None]:
     """Set `observer` on the model's decoder for the duration of the block (eager runs only)."""
     decoder = language_decoder(model)
+    previous = decoder.observer
     decoder.observer = observer
     try:
         yield
     finally:
-        del decoder.observer  # back to the class default, None
+        decoder.observer = previous  # nested blocks restore the outer observer
 
 
 def _check_ratio(name: str, value: float) -> None:

@@ -195,6 +195,16 @@ def test_recorded_attention_rows_equal_transformers(llava):
         assert (ours - torch.tensor(ref, dtype=torch.float64)).abs().max() <= TOL
 
 
+def test_nested_observing_restores_the_outer_observer(llava):
+    model, _ = llava
+    outer, inner = AttentionRecorder(), AttentionRecorder()
+    with observing(model, outer):
+        with observing(model, inner):
+            assert model.language_model.observer is inner
+        assert model.language_model.observer is outer
+    assert model.language_model.observer is None
+
+
 def test_llava_next_report_equals_transformers_eager_attentions(tmp_path):
     """Anyres tiles and newline features in the image rows; a Mistral-style GQA text model."""
     from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
