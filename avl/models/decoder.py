@@ -107,7 +107,7 @@ class CachedDecoder(nn.Module):
         """Rotary tables of a decode step at positions [B]."""
         return self.rotary(position[:, None], dtype)
 
-    def _rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
+    def rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
         """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables, one
         table row per rotated row (positions may differ by head), with the prompt's `rotary_state`."""
         def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
@@ -223,7 +223,7 @@ class CachedDecoder(nn.Module):
             q, k, v = attn.qkv(block.input_layernorm(h))
             if shifted:  # the cache rotates q, k and the rows it attends at their positions inside it
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width,
-                                       self._rotation(attn, cache.rotary_state))
+                                       self.rotation(attn, cache.rotary_state))
             else:
                 q, k = attn.rotate_query(q, a, b), attn.rotate_key(k, a, b)
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)
