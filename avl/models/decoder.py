@@ -111,7 +111,8 @@ class CachedDecoder(nn.Module):
         policy.check_layers(len(self.layers))
         if feature_policy is not None and feature_policy.in_sequence:
             raise ValueError(f"feature_policy={feature_policy!r} selects the image features of the token sequence, "
-                             "which this model family does not support; allowed: LLaVA-1.5 (model_type 'llava')")
+                             "which this model family does not support; allowed: LLaVA-1.5 and LLaVA-NeXT "
+                             "(model_type 'llava', 'llava_next')")
         if feature_policy is not None and not any(isinstance(b, CrossAttentionBlock) for b in self.layers):
             raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
                              "but this model has none (its image tokens are in the sequence, e.g. LLaVA); use it with "
