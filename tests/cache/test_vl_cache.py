@@ -44,10 +44,11 @@ def pixels(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_keep(attentions: tuple[torch.Tensor, ...], ids: list[int], keep: float,
-                   threshold: float) -> tuple[list[list[set[int]]], list[int]]:
-    """The rows each layer and head keeps, and each layer's budget, from one prompt's attention
-    probabilities (one [1, H, L, L] tensor per layer), computed entry by entry."""
+def reference_keep(attentions: tuple[torch.Tensor, ...], ids: list[int], keep: float, threshold: float,
+                   kv_heads: int = 4) -> tuple[list[list[set[int]]], list[int]]:
+    """The rows each layer and KV head keeps, and each layer's budget, from one prompt's attention
+    probabilities (one [1, H, L, L] tensor per layer; query head h reads KV head h // (H / kv_heads)),
+    computed entry by entry."""
     n = len(ids)
     post = [i for i in range(n) if i > max(j for j, t in enumerate(ids) if t == IMAGE_TOKEN)]
     densities, scores = [], []
@@ -66,7 +67,9 @@ def reference_keep(attentions: tuple[torch.Tensor, ...], ids: list[int], keep: f
                     column[j] += p
             layer_scores.append(column)
         densities.append(1.0 - sparse / entries)
-        scores.append(layer_scores)
+        group = len(layer_scores) // kv_heads
+        scores.append([[sum(layer_scores[h][j] for h in range(g * group, (g + 1) * group)) for j in range(n)]
+                       for g in range(kv_heads)])
     layers = len(attentions)
     budgets = [min(n, max(1, int(keep * n * layers * d / sum(densities)))) for d in densities]
     kept = [[set(sorted(range(n), key=lambda j: -head[j])[:budget]) for head in layer]
@@ -83,15 +86,29 @@ def avl_kept(cache) -> list[list[set[int]]]:
     return out
 
 
-@pytest.mark.parametrize("keep,threshold", [(0.4, 0.01), (0.6, 0.01), (0.3, 0.2)])
-def test_kept_rows_equal_the_naive_rules_on_transformers_attentions(models, keep, threshold):
-    _, eager, model = models
+@pytest.fixture(scope="module")
+def gqa_models(tmp_path_factory):
+    """A tiny float64 LLaVA with 2 KV heads for 4 query heads: transformers' eager model and avl's."""
+    from transformers import LlavaForConditionalGeneration
+
+    from tiny_llava import save_hf_llava
+
+    directory = tmp_path_factory.mktemp("vlcache_gqa")
+    save_hf_llava(directory, num_key_value_heads=2)
+    eager = LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation="eager",
+                                                          dtype=torch.float64).eval()
+    return directory, eager, avl.load(directory)
+
+
+@pytest.mark.parametrize("kv_heads,keep,threshold", [(4, 0.4, 0.01), (4, 0.6, 0.01), (4, 0.3, 0.2), (2, 0.4, 0.01)])
+def test_kept_rows_equal_the_naive_rules_on_transformers_attentions(request, kv_heads, keep, threshold):
+    _, eager, model = request.getfixturevalue("models" if kv_heads == 4 else "gqa_models")
     ids, image = prompt_ids(3, 12, 16, 5), pixels(1, 5)
     with torch.no_grad():
         attentions = eager(input_ids=torch.tensor([ids]), pixel_values=image, output_attentions=True).attentions
         _, cache = model.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), image,
                                  VLCache(keep, threshold=threshold), 0)
-    expected, budgets = reference_keep(attentions, ids, keep, threshold)
+    expected, budgets = reference_keep(attentions, ids, keep, threshold, kv_heads)
     assert len(set(budgets)) > 1  # the layers' sparsities differ, so their budgets do
     assert avl_kept(cache) == expected
     assert [s.stored_rows for s in cache.stats().layers] == budgets
