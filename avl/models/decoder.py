@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache, Rotate
@@ -104,20 +105,29 @@ class CachedDecoder(nn.Module):
         (`ModalCache.rotary_state`); None by default. Qwen-VL: the prompt's dynamic-NTK alpha."""
         return None
 
-    def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Rotary tables of a decode step at positions [B]."""
-        return self.rotary(position[:, None], dtype)
+    def decode_rotary(self, positions: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of decode rows at positions [B, L], for rows [B, H, L, D]: each table
+        broadcasts against them (the row on dim -2, the heads on dim -3)."""
+        return self.rotary(positions, dtype)
 
     def rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
-        """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables, one
-        table row per rotated row (positions may differ by head), with the prompt's `rotary_state`."""
+        """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables and
+        the prompt's `rotary_state`. Key positions are indices inside the cache, below the N rows
+        rotated: the tables are built once per sample and index and picked per row (the sines and
+        cosines cost per index, not per head and row)."""
+        def pick(table: Tensor, positions: Tensor) -> Tensor:  # [..., B, 1, N, X] -> [..., B, H, n, X]
+            shape = (*table.shape[:-4], *positions.shape, table.shape[-1])
+            index = positions[..., None].expand(shape)
+            return table.expand(*shape[:-2], table.shape[-2], shape[-1]).gather(-2, index)
+
         def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
-            b, heads, n, d = x.shape
-            state = None if rotary_state is None else rotary_state.repeat_interleave(heads * n, dim=0)
-            tables = self.decode_rotary(positions.reshape(-1), state, x.dtype)
-            rows = x.reshape(b * heads * n, 1, 1, d)
-            rotated = attn.rotate_query(rows, *tables) if query else attn.rotate_key(rows, *tables)
-            return rotated.reshape(b, heads, n, d)
+            b, heads, n, _ = x.shape
+            if query:  # one row per head: its tables, heads laid out as rows and moved back
+                tables = self.decode_rotary(positions.reshape(b, heads * n), rotary_state, x.dtype)
+                return attn.rotate_query(x, *tree_map(lambda t: t.unflatten(-2, (heads, n)).squeeze(-4), tables))
+            index = torch.arange(n, device=x.device).expand(b, n)
+            tables = tree_map(lambda t: pick(t, positions), self.decode_rotary(index, rotary_state, x.dtype))
+            return attn.rotate_key(x, *tables)
 
         return rotate
 
@@ -230,7 +240,7 @@ class CachedDecoder(nn.Module):
         h = self.embed_tokens(token)[:, None]  # [B, 1, C]
         shifted = cache.policy.shifts_positions()
         if not shifted:
-            a, b = self.decode_rotary(cache.next_position, cache.rotary_state, h.dtype)
+            a, b = self.decode_rotary(cache.next_position[:, None], cache.rotary_state, h.dtype)
         for block, layer_cache, width in zip(self.layers, cache.layers, step.widths):
             if isinstance(block, CrossAttentionBlock):
                 if layer_cache is not None:
