@@ -171,7 +171,7 @@ def check_demo_out(out: str | None, overwrite: bool) -> None:
 def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from avl.tiny import build_tiny_llava
+    from avl.testing.llava_checkpoint import build_tiny_llava
 
     check_demo_out(args.out, args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from avl.cli import main
-from avl.tiny import build_tiny_llava
+from avl.testing.llava_checkpoint import build_tiny_llava
 from tiny_llava import (
     build_tiny_mllama_checkpoint,
     build_tiny_next_checkpoint,

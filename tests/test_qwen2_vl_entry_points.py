@@ -11,7 +11,7 @@ from PIL import Image
 import avl
 from avl.cli import main
 from avl.eval import EvalConfig, evaluate, get_family
-from avl.eval.tiny import write_tiny_parquet
+from avl.testing.eval_data import write_tiny_parquet
 from avl.processing import qwen2_vl_prompt, render_chat_template
 from avl.processing.auto import load_chat_processor
 from tiny_qwen2_vl import CHAT_TEMPLATE, build_checkpoint

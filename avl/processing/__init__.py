@@ -17,8 +17,6 @@ from avl.processing.qwen_vl import (
     qwen_chat_prompt,
     qwen_vl_query,
 )
-from avl.processing.tiny_qwen2_tokenizer import build_tiny_qwen2_tokenizer
-from avl.processing.tiny_tokenizer import build_tiny_llama_tokenizer
 from avl.processing.tokenizer import Tokenizer
 
 __all__ = [
@@ -39,8 +37,6 @@ __all__ = [
     "QwenVLImageProcessor",
     "QwenVLProcessor",
     "Tokenizer",
-    "build_tiny_llama_tokenizer",
-    "build_tiny_qwen2_tokenizer",
     "llava15_prompt",
     "llava_next_prompt",
     "load_image",

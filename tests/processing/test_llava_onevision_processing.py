@@ -20,7 +20,7 @@ from avl.processing.llava_onevision import (
     onevision_num_image_tokens,
     onevision_prompt,
 )
-from avl.processing.tiny_qwen2_tokenizer import build_tiny_qwen2_tokenizer
+from avl.testing.qwen2_tokenizer import build_tiny_qwen2_tokenizer
 from avl.processing.tokenizer import Tokenizer
 
 TILE = 26
