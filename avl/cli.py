@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -13,64 +12,14 @@ import torch
 
 from avl.analysis.cli import add_analyze_parser, run_analyze
 from avl.cache.policies import FeaturePolicy, Policy, split_policy
-from avl.cache.registry import POLICIES, describe, field_types, parse_value
-from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
+from avl.cli_errors import OneLineErrorParser, add_debug_option, positive_int, run_reporting_errors
+from avl.cli_policies import add_policy_options, policy_from_args
 from avl.eval.cli import add_eval_parser, run_eval
 from avl.generate import generate
 from avl.inputs import check_device
 from avl.loading import DTYPES, load
 from avl.processing.auto import load_chat_processor
 from avl.weights import resolve_checkpoint
-
-# the flags these fields had before the options were derived from the dataclasses (kept as aliases)
-LEGACY_FLAGS = {
-    ("avl", "secondary"): "--secondary", ("avl", "core"): "--core", ("avl", "refresh_every"): "--refresh-every",
-    ("avl", "prefill_keep"): "--prefill-keep", ("avl", "prefill_layer"): "--prefill-layer",
-    ("avl", "text_keep"): "--text-keep", ("h2o", "heavy_share"): "--heavy-share",
-    ("streaming", "sinks"): "--sinks", ("streaming", "window"): "--window", ("streaming", "positions"): "--positions",
-}
-
-
-def _flags(name: str, field: str) -> list[str]:
-    """The option strings of a policy field: the legacy flag first (if any), then `--<name>-<field>`."""
-    derived = f"--{name}-{field.replace('_', '-')}"
-    legacy = LEGACY_FLAGS.get((name, field))
-    return [legacy, derived] if legacy else [derived]
-
-
-def _dest(name: str, field: str) -> str:
-    return f"policy__{name}__{field}"
-
-
-def policy_from_args(args: argparse.Namespace) -> Policy | FeaturePolicy:
-    """The policy named by --policy with the fields given as options. Raises ValueError for another
-    policy's field or a bad value."""
-    for name, cls in POLICIES.items():
-        if name == args.policy:
-            continue
-        stray = [f for f in field_types(cls) if getattr(args, _dest(name, f), None) is not None]
-        if stray:
-            raise ValueError(f"{_flags(name, stray[0])[0]} belongs to --policy {name}, not --policy {args.policy}")
-    cls = POLICIES[args.policy]
-    given = {f: parse_value(kind, text, f) for f, kind in field_types(cls).items()
-             if (text := getattr(args, _dest(args.policy, f), None)) is not None}
-    return cls(**given)
-
-
-def add_policy_options(parser: argparse.ArgumentParser) -> None:
-    """--policy and one option per field of every registered policy (`avl.cache.registry.POLICIES`)."""
-    group = parser.add_argument_group("cache policy", "each policy's fields, as its dataclass has them "
-                                      "(avl.cache.registry describes the value syntax)")
-    group.add_argument("--policy", choices=list(POLICIES), default="full")
-    for name, cls in POLICIES.items():
-        for f in dataclasses.fields(cls):
-            kind = field_types(cls)[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(*_flags(name, f.name), dest=_dest(name, f.name),
-                               metavar=describe(kind).split()[0].upper(),
-                               help=f"{cls.__name__}.{f.name} ({describe(kind)}; default {default!r})"
-                               .replace("%", "%%"))
-
 
 def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy | FeaturePolicy,
                  args: argparse.Namespace) -> None:
@@ -84,17 +33,6 @@ def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: 
     print(f"answer: {processor.decode(out.tokens[0])}")
     print(f"\npolicy: {policy}\nKV cache after the last step (rows per sample and KV head; MB for the batch):")
     print(out.stats.table())
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -174,7 +174,7 @@ def test_streaming_positions_is_a_policy_option():
     import argparse
 
     from avl.cache.policies import StreamingLLM
-    from avl.cli import add_policy_options, policy_from_args
+    from avl.cli_policies import add_policy_options, policy_from_args
 
     parser = argparse.ArgumentParser()
     add_policy_options(parser)

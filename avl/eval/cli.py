@@ -16,6 +16,7 @@ from typing import Any
 
 from avl.cache.policies import Full
 from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
+from avl.cli_policies import add_policy_options, policy_from_args
 from avl.eval.distributed import Dist
 from avl.eval.runner import DTYPES, PTB_BACKENDS, EvalConfig, evaluate, load_for_eval, print_summary
 from avl.eval.tasks import TASKS
@@ -28,8 +29,6 @@ DESCRIPTION = ("Evaluate a model with a KV-cache policy on one of the A-VL paper
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `avl eval` (and of `python -m avl.eval`)."""
-    from avl.cli import add_policy_options  # lazy: avl.cli imports this module to add the subcommand
-
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--data", required=True,
@@ -80,7 +79,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from avl.cli import policy_from_args
     from avl.eval.sweep import policy_slug, run_sweep, sweep_policies
 
     dist = None
