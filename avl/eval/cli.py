@@ -20,6 +20,7 @@ from avl.cli_policies import add_policy_options, policy_from_args
 from avl.eval.distributed import Dist
 from avl.eval.runner import DTYPES, PTB_BACKENDS, EvalConfig, evaluate, load_for_eval, print_summary
 from avl.eval.tasks import TASKS
+from avl.families import FAMILIES
 
 __all__ = ["add_eval_arguments", "add_eval_parser", "main", "run_eval"]
 
@@ -42,7 +43,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="decode under torch.compile(fullgraph=True)")
     parser.add_argument("--max-new-tokens", type=int, help="override the task's lmms-eval setting")
-    parser.add_argument("--family", help="override config.json's model_type for the prompt template")
+    parser.add_argument("--family", choices=list(FAMILIES),
+                        help="override config.json's model_type for the prompt template (avl.families)")
     parser.add_argument("--ptb-tokenizer", choices=PTB_BACKENDS, default="python",
                         help="CIDEr tokenisation: the Python PTB approximation or the exact Java one (pycocoevalcap)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
