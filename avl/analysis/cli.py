@@ -4,7 +4,8 @@
     avl analyze --model DIR --sweep-data PARQUET_OR_JSONL --task flickr30k_test --limit 100 --out DIR
 
 Writes `<out>/analysis.json` (the report; a sweep adds the task and each sample's tokens) and the
-figures `shares.png`, `concentration.png`, `ppci_layers.png`, `ppci_steps.png`.
+figures `shares.png` (not for Llama-3.2-Vision, whose report has no modal shares), `concentration.png`,
+`ppci_layers.png`, `ppci_steps.png`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = ["add_analyze_parser", "run_analyze"]
 
 DESCRIPTION = ("Attention analysis (the A-VL paper's Fig. 1, 3, 4, 5): per-modality attention shares, image "
                "attention concentration and PPCI of a greedy generation on the full cache; for one image and "
-               "prompt, or averaged over an eval task's samples (--sweep-data).")
+               "prompt, or averaged over an eval task's samples (--sweep-data). Llama-3.2-Vision: concentration "
+               "and PPCI over its cross-attention layers' image features (no modal shares).")
 
 
 def ratio(text: str) -> float:

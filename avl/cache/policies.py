@@ -333,9 +333,10 @@ def build_layer_cache(
     else:
         secondary, core_count = (torch.minimum(c, image.sum(-1)) for c in counts)
     kept_image = top_rows(image_scores, image, secondary)
+    core_image = top_rows(image_scores, kept_image, core_count)
 
     pinned_rows = packed_index(roles == Role.PINNED)  # [B, A]
-    vision_rows = packed_index(kept_image)  # [B, Nv]
+    vision_rows = core_first(kept_image, core_image)  # [B, Nv]
     pinned_index = torch.cat([pinned_rows, vision_rows], dim=1)  # [B, A + Nv] token index per slot
     n_pinned = pinned_rows.shape[1]
 
@@ -377,12 +378,13 @@ def build_layer_cache(
     system = torch.where(pinned_rows >= 0, slot_ids[:, :n_pinned], -1)
     vision = torch.where(vision_rows >= 0, slot_ids[:, n_pinned:], -1)
     core_width = int(core_count.max()) if core_count.numel() else 0
+    core = torch.where(slot_ids[:, :core_width] < core_count[:, None], vision[:, :core_width], -1)
     layer = LayerCache(
         k=rows_of(k, slots),
         v=rows_of(v, slots),
         system=system,
         vision=vision,
-        core=vision[:, :core_width].clone(),
+        core=core,
         core_count=core_count,
         live=live,
         order=order.gather(2, slot_order),
@@ -392,9 +394,20 @@ def build_layer_cache(
         budget=budget,
         shifted=policy.shifts_positions(),
     )
-    vision_scores = image_scores.gather(1, vision_rows.clamp(min=0))
-    layer.refresh_core(vision_scores)
     return layer
+
+
+def core_first(kept: Tensor, core: Tensor) -> Tensor:
+    """Row numbers of the kept rows [B, L] -> [B, max kept], the core rows first, then the other
+    kept rows, each in row order; -1 after a sample's last kept row. The core then occupies the
+    cache's first vision slots, which a core step reads as one block (`LayerCache.refresh_core`
+    keeps it there)."""
+    rows = kept.shape[1]
+    row = torch.arange(rows, device=kept.device)
+    key = torch.where(core, row, torch.where(kept, rows + row, 2 * rows))
+    width = int(kept.sum(-1).max()) if kept.numel() else 0
+    ordered = key.sort(dim=-1).values[:, :width]
+    return torch.where(ordered < 2 * rows, ordered % rows, -1)
 
 
 def split_policy(policy: Policy | FeaturePolicy) -> tuple[Policy, FeaturePolicy | None]:

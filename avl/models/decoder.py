@@ -15,6 +15,7 @@ prefill and its `CrossLayerCache` in decode. The cache policies then work on eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
@@ -38,18 +39,30 @@ class AttentionObserver(Protocol):
         """A decode step of block `layer`: the cache slots it attended, idx [B, Hkv, M], and the
         gathered-attention op's probabilities over them, probs [B, Hq, M]."""
 
+    def cross(self, layer: int, allowed: Tensor, probs: Tensor) -> None:
+        """Cross-attention block `layer`: the feature slots its query row attends, allowed [B, N], and
+        the probabilities over them, probs [B, Hq, N] (0 where not allowed); first for the last prompt
+        row in prefill (over the image context the block attended), then for each decode step's token
+        (over its `CrossLayerCache`)."""
+
+
+CrossObserver = Callable[[Tensor, Tensor], None]
+"""`observe(allowed, probs)`: an `AttentionObserver.cross` bound to one block."""
+
 
 class CrossAttentionBlock(nn.Module):
     """A decoder block that cross-attends image features instead of self-attending.
 
-    `prefill(h, layout, image, feature_policy)` runs the prompt over the image context (its type is
-    the family's) and returns `(h, image, cache)`: the context later cross-attention blocks use
-    (trimmed when `feature_policy` trims, which the loop passes to the first such block only) and
-    this block's `CrossLayerCache`. `decode(h, cache)` runs one token over that cache.
+    `prefill(h, layout, image, feature_policy, observe)` runs the prompt over the image context (its
+    type is the family's) and returns `(h, image, cache)`: the context later cross-attention blocks
+    use (trimmed when `feature_policy` trims, which the loop passes to the first such block only) and
+    this block's `CrossLayerCache`. `decode(h, cache)` runs one token over that cache. `observe`
+    (None unless the decoder has an observer) is called with the last prompt row's attention, and the
+    returned cache calls it on each decode step (`AttentionObserver.cross`).
     """
 
-    def prefill(self, h: Tensor, layout: PromptLayout, image: object, feature_policy: FeaturePolicy | None
-                ) -> tuple[Tensor, object, CrossLayerCache]:
+    def prefill(self, h: Tensor, layout: PromptLayout, image: object, feature_policy: FeaturePolicy | None,
+                observe: CrossObserver | None = None) -> tuple[Tensor, object, CrossLayerCache]:
         raise NotImplementedError
 
     def decode(self, h: Tensor, cache: CrossLayerCache) -> Tensor:
@@ -64,7 +77,9 @@ class CachedDecoder(nn.Module):
 
     `observer` (None: nothing changes) is handed each self-attention block's last-prompt-row
     probabilities in prefill, and is wired into the block's `LayerCache` to see every decode step's
-    probabilities; a Python callback, so only for eager decode (`avl.analysis.observing` sets it).
+    probabilities; cross-attention blocks get it bound to their index (`observe`) and hand it their
+    query row's probabilities the same way. A Python callback, so only for eager decode
+    (`avl.analysis.observing` sets it).
     """
 
     observer: AttentionObserver | None = None
@@ -134,7 +149,8 @@ class CachedDecoder(nn.Module):
             if isinstance(block, CrossAttentionBlock):
                 layer_cache = None
                 if image is not None:
-                    h, image, layer_cache = block.prefill(h, layout, image, feature_policy)
+                    observe = None if self.observer is None else partial(self.observer.cross, i)
+                    h, image, layer_cache = block.prefill(h, layout, image, feature_policy, observe)
                     feature_policy = None  # features are selected once, at the first cross-attention block
                 caches.append(layer_cache)
                 continue
