@@ -52,6 +52,7 @@ POLICIES = [
     ObservedAttention(0.5),
     RandomEviction(0.5, seed=1),
     avl.StreamingLLM(sinks=2, window=8, positions="original"),
+    avl.VLCache(0.5),
 ]
 
 

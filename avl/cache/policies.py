@@ -10,7 +10,10 @@ cache). It answers these questions; `build_layer_cache` applies them at prefill 
 - `eviction()`: the `Budget` of the evictable rows;
 - `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer;
 - `prompt_keep(layer, ...)`: each KV head's evictable prompt rows kept after a prefill layer's
-  attention, chosen from its queries and keys (the kvpress-pinned policies); None for the others.
+  attention, chosen from its queries and keys (the kvpress-pinned policies); None for the others;
+- `layer_scores(layer, ...)` / `shared_keep(...)`: the same choice for a policy that splits one budget
+  over the layers (VL-Cache): each layer's scores are taken as it runs, the rows are chosen once every
+  layer has run.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ def _check_count(name: str, value: int | None, minimum: int) -> None:
 
 
 @dataclass(frozen=True)
+class LayerScores:
+    """One prefill layer's statistics for a policy that splits one budget over the layers
+    (`Policy.layer_scores`): its rows' scores and its claim on the shared budget."""
+
+    scores: Tensor  # [B, Hkv, L] higher = kept; -inf on padding
+    weight: Tensor  # [B] the layer's weight in the split of each sample's budget (> 0)
+    valid: Tensor  # [B, L] the layer's prompt rows (False on left padding)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Base: the full cache. Subclasses override the parts they change."""
 
@@ -95,6 +108,19 @@ class Policy:
         valid [B, L] and attention scale; applied to the evictable rows. None: keep what the roles
         and the budget keep."""
         return None
+
+    def layer_scores(self, layer: int, q: Tensor, k: Tensor, layout: PromptLayout,
+                     scale: float) -> LayerScores | None:
+        """Prefill `layer`'s scores for a keep decision taken after every layer has run (`shared_keep`),
+        from the same q, k and scale as `prompt_keep` and the prompt's layout. None: the layer's cache
+        is built right after its attention (every policy but VL-Cache). Otherwise each layer's full
+        K/V waits until the prefill's end: its peak KV memory is that of the uncompressed cache."""
+        return None
+
+    def shared_keep(self, layers: list[LayerScores]) -> list[Tensor]:
+        """Keep masks [B, Hkv, L] of the evictable rows, one per self-attention layer in order, from
+        every layer's `layer_scores`."""
+        raise NotImplementedError(f"{type(self).__name__} returns layer_scores but has no shared_keep")
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if the policy names a layer the model does not have."""

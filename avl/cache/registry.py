@@ -23,6 +23,7 @@ from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, Str
 from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
 from avl.cache.visionzip import VisionZip
+from avl.cache.vl_cache import VLCache
 
 POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "full": Full,
@@ -38,6 +39,7 @@ POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "knorm": KNorm,
     "observed": ObservedAttention,
     "random": RandomEviction,
+    "vlcache": VLCache,
     "visionzip": VisionZip,
 }
 

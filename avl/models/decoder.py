@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache, Rotate
-from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
+from avl.cache.policies import FeaturePolicy, LayerScores, Policy, build_layer_cache
 from avl.models.layers import attention_probs, attention_received, prefill_attention
 
 
@@ -72,8 +72,9 @@ class CrossAttentionBlock(nn.Module):
 class CachedDecoder(nn.Module):
     """`prefill` runs the prompt block by block; after each self-attention block's attention the
     policy's cache for that block is built (so peak KV memory is the compacted cache plus one full
-    layer), and a policy may drop image rows from the hidden states. `decode` runs one token per
-    sample against the `ModalCache`, one cache call per block.
+    layer; a policy with `layer_scores`, VL-Cache, builds every layer's cache at the prefill's end,
+    once its shared budget is split), and a policy may drop image rows from the hidden states.
+    `decode` runs one token per sample against the `ModalCache`, one cache call per block.
 
     `observer` (None: nothing changes) is handed each self-attention block's last-prompt-row
     probabilities in prefill, and is wired into the block's `LayerCache` to see every decode step's
@@ -107,7 +108,7 @@ class CachedDecoder(nn.Module):
         """Rotary tables of a decode step at positions [B]."""
         return self.rotary(position[:, None], dtype)
 
-    def _rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
+    def rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
         """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables, one
         table row per rotated row (positions may differ by head), with the prompt's `rotary_state`."""
         def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
@@ -125,7 +126,8 @@ class CachedDecoder(nn.Module):
         policy.check_layers(len(self.layers))
         if feature_policy is not None and feature_policy.in_sequence:
             raise ValueError(f"feature_policy={feature_policy!r} selects the image features of the token sequence, "
-                             "which this model family does not support; allowed: LLaVA-1.5 (model_type 'llava')")
+                             "which this model family does not support; allowed: LLaVA-1.5 and LLaVA-NeXT "
+                             "(model_type 'llava', 'llava_next')")
         if feature_policy is not None and not any(isinstance(b, CrossAttentionBlock) for b in self.layers):
             raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
                              "but this model has none (its image tokens are in the sequence, e.g. LLaVA); use it with "
@@ -144,6 +146,7 @@ class CachedDecoder(nn.Module):
         next_position = layout.positions[:, -1] + 1
         rotary_state = self.rotary_state(layout)
         caches: list[LayerCache | CrossLayerCache | None] = []
+        waiting: list[tuple[int, partial[LayerCache], LayerScores]] = []  # (block, its cache's builder, its scores)
         a, b = self.prompt_rotary(layout, h.dtype)
         for i, block in enumerate(self.layers):
             if isinstance(block, CrossAttentionBlock):
@@ -161,21 +164,35 @@ class CachedDecoder(nn.Module):
             scored = policy.needs_image_scores(i) or self.observer is not None
             image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            prompt_keep = policy.prompt_keep(i, len(self.layers), q, k, layout.valid, attn.scale)
             cached_k = raw_k if policy.shifts_positions() else k
-            self_cache = build_layer_cache(policy, layout, cached_k, v, n_image, image_scores, evict_scores,
-                                           new_tokens, prompt_keep)
+            build = partial(build_layer_cache, policy, layout, cached_k, v, n_image, image_scores, evict_scores,
+                            new_tokens)
             if self.observer is not None:
                 self.observer.prefill(i, layout, image_scores)
-                self_cache.observer = partial(self.observer.decode, i)
-            caches.append(self_cache)
+            shared = policy.layer_scores(i, q, k, layout, attn.scale)
+            if shared is None:
+                caches.append(self._observed(build(policy.prompt_keep(i, len(self.layers), q, k, layout.valid,
+                                                                      attn.scale)), i))
+            else:  # the layer's full K/V waits for every layer's scores (VL-Cache's shared budget)
+                waiting.append((len(caches), build, shared))
+                caches.append(None)
             h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
                 a, b = self.prompt_rotary(layout, h.dtype)
+        if waiting:
+            keeps = policy.shared_keep([shared for _, _, shared in waiting])
+            for (index, build, _), keep in zip(waiting, keeps):
+                caches[index] = self._observed(build(keep), index)
         logits = self.lm_head(self.norm(h[:, -1]))
         return logits, ModalCache(caches, policy, next_position, full_rows, new_tokens, rotary_state)
+
+    def _observed(self, layer_cache: LayerCache, layer: int) -> LayerCache:
+        """`layer_cache` wired to the observer's decode callback for block `layer`, if an observer is set."""
+        if self.observer is not None:
+            layer_cache.observer = partial(self.observer.decode, layer)
+        return layer_cache
 
     @staticmethod
     def _image_scores(q: Tensor, k: Tensor, layout: PromptLayout, scale: float) -> Tensor:
@@ -223,7 +240,7 @@ class CachedDecoder(nn.Module):
             q, k, v = attn.qkv(block.input_layernorm(h))
             if shifted:  # the cache rotates q, k and the rows it attends at their positions inside it
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width,
-                                       self._rotation(attn, cache.rotary_state))
+                                       self.rotation(attn, cache.rotary_state))
             else:
                 q, k = attn.rotate_query(q, a, b), attn.rotate_key(k, a, b)
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)
