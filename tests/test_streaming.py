@@ -51,6 +51,13 @@ def test_an_incomplete_character_is_held_back(tokenizer):
     assert streamer.push(ids[-1]) == "🙂" and streamer.flush() == ""
 
 
+def test_a_decoder_that_rewrites_returned_text_prints_nothing_twice():
+    texts = {(1,): "ab", (1, 2): "ax", (1, 2, 3): "axyz"}
+    streamer = TextStreamer(lambda ids: texts[tuple(ids)])
+    assert [streamer.push(i) for i in (1, 2, 3)] == ["ab", "", ""]
+    assert streamer.flush() == "xyz"  # the rest after the common "a"
+
+
 @torch.inference_mode()
 def test_generate_hands_over_each_token_before_the_next_step(tmp_path):
     directory = build_tiny_llava(tmp_path / "tiny")

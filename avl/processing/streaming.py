@@ -24,7 +24,9 @@ class TextStreamer:
         for token_id in ids: print(streamer.push(token_id), end="", flush=True)
         print(streamer.flush())
 
-    The pieces returned by `push` and `flush` concatenate to `decode(all ids)`.
+    The pieces returned by `push` and `flush` concatenate to `decode(all ids)` for a decoder that keeps
+    the settled text of a prefix (avl's tokenizers do). A decoder that rewrites returned text gets
+    nothing more printed until `flush`, which then gives its final text after the part in common.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
