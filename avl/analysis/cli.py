@@ -19,7 +19,7 @@ from avl.analysis.analyze import analyze
 from avl.analysis.figures import write_figures
 from avl.analysis.report import AttentionReport
 from avl.analysis.sweep import analyze_task
-from avl.cli_errors import add_debug_option, run_reporting_errors
+from avl.cli_errors import add_debug_option, positive_int, run_reporting_errors
 from avl.eval.data import open_dataset
 from avl.eval.runner import load_for_eval
 from avl.eval.tasks import TASKS, get_task
@@ -49,8 +49,6 @@ def ratio(text: str) -> float:
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `analyze` subcommand to `avl`'s subparsers."""
-    from avl.cli import positive_int  # lazy: avl.cli imports this module to add the subcommand
-
     parser = subparsers.add_parser("analyze", help="attention shares, concentration and PPCI, with figures",
                                    description=DESCRIPTION)
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")

@@ -1,7 +1,7 @@
 """The one table of policy names: `avl generate`, `avl demo`, `avl eval` and sweeps all read it.
 
 `POLICIES` maps a name to its dataclass; every field of that dataclass is settable from the
-command line (`--<name>-<field>`, see `avl.cli`) and from a sweep grid (`"name: field=v1,v2"`),
+command line (`--<name>-<field>`, see `avl.cli_policies`) and from a sweep grid (`"name: field=v1,v2"`),
 with values parsed by `parse_value` from the field's annotation. A field added to a policy
 dataclass therefore appears in both without editing either.
 

@@ -39,9 +39,9 @@ from avl.cache.policies import FeaturePolicy, Full, Policy, split_policy
 from avl.eval.data import Sample, SampleError, open_dataset
 from avl.eval.distributed import Dist, shard
 from avl.eval.efficiency import record_efficiency, reset_peak_memory
-from avl.eval.families import Family, Processor, get_family
 from avl.eval.results import KV_FIELDS, SUMMARY_NAME, Record, ResultsStore, format_summary, merge_record, summarize
 from avl.eval.tasks import Task, get_task
+from avl.families import Family, Processor, get_family
 from avl.generate import Generative, generate
 from avl.inputs import check_policy
 from avl.loading import DTYPES, load

@@ -11,8 +11,8 @@ from PIL import Image
 
 from avl.analysis.figures import FIGURES
 from avl.cli import main
-from avl.eval.tiny import write_tiny_jsonl, write_tiny_parquet
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import write_tiny_jsonl, write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
 from tiny_llava import (
     build_tiny_mllama_checkpoint,
     build_tiny_next_checkpoint,

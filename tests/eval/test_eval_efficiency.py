@@ -17,8 +17,8 @@ from avl.eval import EvalConfig, evaluate, load_for_eval, run_sweep, runner
 from avl.eval.efficiency import efficiency_summary, peak_memory
 from avl.eval.results import format_summary
 from avl.eval.sweep import plot_points, sweep_table
-from avl.eval.tiny import write_tiny_jsonl
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import write_tiny_jsonl
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 FIELDS = ("ttft_s", "time_per_token_s", "kv_stored_bytes", "kv_used_bytes", "peak_memory_bytes")
 

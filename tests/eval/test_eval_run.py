@@ -16,8 +16,8 @@ import torch
 from avl.cache.policies import AVL, Full
 from avl.eval import EvalConfig, RunMismatchError, SampleError, evaluate, load_for_eval, run_sweep
 from avl.eval.cli import add_eval_parser, main
-from avl.eval.tiny import tiny_rows, write_tiny_jsonl, write_tiny_parquet
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import tiny_rows, write_tiny_jsonl, write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 TIMING = ("wall_time_s", "generation_s", "out", "efficiency")  # measured, so not the same twice
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from avl.eval.cli import main
-from avl.eval.tiny import write_tiny_parquet
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("wall_time_s", "generation_s", "out", "efficiency")  # measured, so not the same twice
