@@ -206,7 +206,8 @@ def test_bad_fields_are_named_with_the_allowed_range(kwargs, match):
 
 
 def test_it_is_registered_for_the_command_line_eval_and_sweeps():
-    from avl.cli import build_parser, policy_from_args
+    from avl.cli import build_parser
+    from avl.cli_policies import policy_from_args
     from avl.eval.sweep import parse_grid
 
     assert isinstance(VLCache(), Policy) and avl.VLCache is VLCache
