@@ -1,7 +1,10 @@
 """Decode-step time and KV bytes of every cache policy against the full cache, side by side.
 
-The kvpress-pinned policies (SnapKV, PyramidKV, AdaKV, KNorm, ObservedAttention, Random) run at
-keep 0.5, the share H2O 50% keeps, so that stored bytes and step times compare at one retained share.
+The kvpress-pinned policies (SnapKV, PyramidKV, AdaKV, KNorm, ObservedAttention, Random) and
+VL-Cache run at keep 0.5, the share H2O 50% keeps, so that stored bytes and step times compare at
+one retained share; PyramidDrop halves the image rows after layers 1, 2 and 3 (its 8/16/24 of 32
+layers, scaled to the default 4). VisionZip selects in the vision tower, which this benchmark does
+not run: at decode it is a prompt with `dominant + contextual` image rows.
 
 Part 1 (measured): a Llama decoder with LLaVA-1.5-7B layer shapes (hidden 4096, 32 heads,
 head_dim 128, MLP 11008) but `--layers` layers (default 4) and random weights, on a prompt of
@@ -56,9 +59,11 @@ POLICIES = {
     "knorm 50%": avl.KNorm(0.5),
     "observed 50%": avl.ObservedAttention(0.5),
     "random 50%": avl.RandomEviction(0.5),
+    "vl-cache 50%": avl.VLCache(0.5),
+    "pyramiddrop L1,2,3 R50": avl.PyramidDrop(layers=(1, 2, 3), keep=0.5),
 }
 TABLE3 = {name: POLICIES[name] for name in ("full", "avl S45 C30 K3 P90 T50", "fastv K2 R50", "h2o 50%",
-                                            "snapkv 50%", "pyramidkv 50%", "adakv(snapkv) 50%")}
+                                            "snapkv 50%", "pyramidkv 50%", "adakv(snapkv) 50%", "vl-cache 50%")}
 # LLaVA-OneVision benchmark images, (height, width): COCO-sized (VQAv2, captioning), a TextVQA photo, a DocVQA page
 ONEVISION_IMAGES = {"coco 480x640": (480, 640), "textvqa 768x1024": (768, 1024), "docvqa 2200x1700": (2200, 1700)}
 
