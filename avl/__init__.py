@@ -15,6 +15,7 @@ from avl.cache.registry import POLICIES
 from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
 from avl.cache.visionzip import VisionZip
+from avl.cache.vl_cache import VLCache
 from avl.generate import GenerationOutput, Timings, generate
 from avl.loading import load
 
@@ -42,6 +43,7 @@ __all__ = [
     "StreamingLLM",
     "Timings",
     "Trim",
+    "VLCache",
     "VisionZip",
     "analyze",
     "generate",

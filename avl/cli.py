@@ -1,100 +1,52 @@
-"""Command line: `avl generate` (a checkpoint, an image, a prompt), `avl demo` (no downloads), `avl eval`,
+"""Command line: `avl generate` (a checkpoint, one or more images, a prompt), `avl demo` (no downloads), `avl eval`,
 `avl analyze` (attention analysis)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from avl.analysis.cli import add_analyze_parser, run_analyze
 from avl.cache.policies import FeaturePolicy, Policy, split_policy
-from avl.cache.registry import POLICIES, describe, field_types, parse_value
-from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
+from avl.cli_errors import OneLineErrorParser, add_debug_option, positive_int, run_reporting_errors
+from avl.cli_policies import add_policy_options, policy_from_args
 from avl.eval.cli import add_eval_parser, run_eval
+from avl.families import FAMILIES
 from avl.generate import generate
 from avl.inputs import check_device
 from avl.loading import DTYPES, load
 from avl.processing.auto import load_chat_processor
+from avl.processing.streaming import TextStreamer
 from avl.weights import resolve_checkpoint
 
-# the flags these fields had before the options were derived from the dataclasses (kept as aliases)
-LEGACY_FLAGS = {
-    ("avl", "secondary"): "--secondary", ("avl", "core"): "--core", ("avl", "refresh_every"): "--refresh-every",
-    ("avl", "prefill_keep"): "--prefill-keep", ("avl", "prefill_layer"): "--prefill-layer",
-    ("avl", "text_keep"): "--text-keep", ("h2o", "heavy_share"): "--heavy-share",
-    ("streaming", "sinks"): "--sinks", ("streaming", "window"): "--window", ("streaming", "positions"): "--positions",
-}
 
-
-def _flags(name: str, field: str) -> list[str]:
-    """The option strings of a policy field: the legacy flag first (if any), then `--<name>-<field>`."""
-    derived = f"--{name}-{field.replace('_', '-')}"
-    legacy = LEGACY_FLAGS.get((name, field))
-    return [legacy, derived] if legacy else [derived]
-
-
-def _dest(name: str, field: str) -> str:
-    return f"policy__{name}__{field}"
-
-
-def policy_from_args(args: argparse.Namespace) -> Policy | FeaturePolicy:
-    """The policy named by --policy with the fields given as options. Raises ValueError for another
-    policy's field or a bad value."""
-    for name, cls in POLICIES.items():
-        if name == args.policy:
-            continue
-        stray = [f for f in field_types(cls) if getattr(args, _dest(name, f), None) is not None]
-        if stray:
-            raise ValueError(f"{_flags(name, stray[0])[0]} belongs to --policy {name}, not --policy {args.policy}")
-    cls = POLICIES[args.policy]
-    given = {f: parse_value(kind, text, f) for f, kind in field_types(cls).items()
-             if (text := getattr(args, _dest(args.policy, f), None)) is not None}
-    return cls(**given)
-
-
-def add_policy_options(parser: argparse.ArgumentParser) -> None:
-    """--policy and one option per field of every registered policy (`avl.cache.registry.POLICIES`)."""
-    group = parser.add_argument_group("cache policy", "each policy's fields, as its dataclass has them "
-                                      "(avl.cache.registry describes the value syntax)")
-    group.add_argument("--policy", choices=list(POLICIES), default="full")
-    for name, cls in POLICIES.items():
-        for f in dataclasses.fields(cls):
-            kind = field_types(cls)[f.name]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            group.add_argument(*_flags(name, f.name), dest=_dest(name, f.name),
-                               metavar=describe(kind).split()[0].upper(),
-                               help=f"{cls.__name__}.{f.name} ({describe(kind)}; default {default!r})"
-                               .replace("%", "%%"))
-
-
-def run_generate(model_dir: str | Path, image: str | Path, prompt: str, policy: Policy | FeaturePolicy,
+def run_generate(model_dir: str | Path, images: Sequence[str | Path], prompt: str, policy: Policy | FeaturePolicy,
                  args: argparse.Namespace) -> None:
+    """Answer `prompt` about `images` (all in one prompt, in order) and print the answer and the cache table;
+    with `args.stream` the answer is printed as its tokens are generated."""
     directory = resolve_checkpoint(model_dir)
     model = load(directory, dtype=args.dtype, device=args.device)
     processor = load_chat_processor(directory)
-    inputs = {k: v.to(args.device) for k, v in processor([prompt], [image]).items()}
+    inputs = {k: v.to(args.device) for k, v in processor([prompt], [list(images)]).items()}
     sequence_policy, feature_policy = split_policy(policy)
+    streamer = TextStreamer(processor.decode)
+    on_token = None
+    if args.stream:
+        print("answer: ", end="", flush=True)
+
+        def on_token(token: torch.Tensor) -> None:
+            print(streamer.push(int(token[0])), end="", flush=True)
+
     out = generate(model, **inputs, policy=sequence_policy, feature_policy=feature_policy, max_new_tokens=args.max_new_tokens,
-                   eos_token_id=list(processor.stop_token_ids), compile=args.compile)
-    print(f"answer: {processor.decode(out.tokens[0])}")
+                   eos_token_id=list(processor.stop_token_ids), compile=args.compile, on_token=on_token)
+    print(streamer.flush() if args.stream else f"answer: {processor.decode(out.tokens[0])}")
     print(f"\npolicy: {policy}\nKV cache after the last step (rows per sample and KV head; MB for the batch):")
     print(out.stats.table())
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="avl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="answer a prompt about an image")
+    gen = commands.add_parser("generate", help="answer a prompt about one or more images")
     gen.add_argument("--model", required=True,
-                     help="checkpoint directory or hub id (LLaVA-1.5, LLaVA-NeXT, Qwen-VL in the hub's layouts)")
-    gen.add_argument("--image", required=True, help="image file")
+                     help=f"checkpoint directory or hub id, in the hub's layout; config.json's model_type one of: "
+                          f"{', '.join(FAMILIES)}")
+    gen.add_argument("--image", required=True, action="append",
+                     help="image file; repeat for several images in one prompt (shown in this order, before the "
+                          "prompt)")
     gen.add_argument("--prompt", required=True)
 
     demo = commands.add_parser("demo", help="build a tiny RANDOM LLaVA-1.5 locally and run the whole pipeline")
@@ -122,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", choices=DTYPES, default="float32")
         sub.add_argument("--device", default="cpu")
         sub.add_argument("--compile", action="store_true", help="run decode under torch.compile(fullgraph=True)")
+        sub.add_argument("--stream", action="store_true", help="print the answer as its tokens are generated")
         add_policy_options(sub)
         add_debug_option(sub)
     return parser
@@ -144,8 +100,9 @@ def _run(args: argparse.Namespace) -> None:
     policy = policy_from_args(args)
     check_device(args.device)
     if args.command == "generate":
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"--image {args.image!r}: no such file")
+        for image in args.image:
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"--image {image!r}: no such file")
         run_generate(args.model, args.image, args.prompt, policy, args)
     else:
         run_demo(policy, args)
@@ -171,7 +128,7 @@ def check_demo_out(out: str | None, overwrite: bool) -> None:
 def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from avl.tiny import build_tiny_llava
+    from avl.testing.llava_checkpoint import build_tiny_llava
 
     check_demo_out(args.out, args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +141,7 @@ def run_demo(policy: Policy | FeaturePolicy, args: argparse.Namespace) -> None:
         pixels = torch.stack([gradient[None, :].expand(300, -1), gradient[:300, None].expand(-1, 400),
                               torch.full((300, 400), 128, dtype=torch.uint8)], dim=-1)
         Image.fromarray(pixels.numpy()).save(image)
-        run_generate(out, image, args.prompt, policy, args)
+        run_generate(out, [image], args.prompt, policy, args)
 
 
 if __name__ == "__main__":

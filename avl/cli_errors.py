@@ -1,6 +1,7 @@
 """How every `avl` subcommand reports a user error: one line `avl <cmd>: error: ...`, exit status 2.
 
-Usage errors (an unknown option, a malformed value) are one line as well (`OneLineErrorParser`).
+Usage errors (an unknown option, a malformed value such as `positive_int` rejects) are one line as well
+(`OneLineErrorParser`).
 A user error is a bad checkpoint, file, option or input (ValueError, OSError, ImportError for a
 missing optional package, NotImplementedError for an unsupported feature); anything else is a bug
 and keeps its traceback. `--debug`, or `AVL_DEBUG=1` in the environment, shows the traceback of a
@@ -15,7 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["DEBUG_ENV", "USER_ERRORS", "OneLineErrorParser", "add_debug_option", "run_reporting_errors"]
+__all__ = ["DEBUG_ENV", "USER_ERRORS", "OneLineErrorParser", "add_debug_option", "positive_int",
+           "run_reporting_errors"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, NotImplementedError)
 DEBUG_ENV = "AVL_DEBUG"
@@ -32,6 +34,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the Python traceback of an error (also: {DEBUG_ENV}=1)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    return value
 
 
 def _debugging(args: argparse.Namespace) -> bool:

@@ -95,6 +95,7 @@ def generate(
     output_logits: bool = False,
     compile: bool = False,
     generator: torch.Generator | None = None,
+    on_token: Callable[[Tensor], None] | None = None,
     **image_inputs: Tensor,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` tokens per sample.
@@ -109,6 +110,8 @@ def generate(
     image features enter the cross-attention layers of a model that has them. With `compile=True`
     the decode step runs under `torch.compile(fullgraph=True)` (`compile_decode`): one graph, plus a
     second one for a policy's refresh steps.
+    `on_token`, if given, is called with each step's tokens [B] as soon as they are chosen, before
+    the next decode step (streaming; `avl.processing.TextStreamer` turns them into printable text).
     Generation stops early once every sample has produced an EOS id.
     """
     policy = policy if policy is not None else Full()
@@ -138,6 +141,8 @@ def generate(
             all_logits.append(logits.to(compute_dtype(logits.dtype)))
         token = sample_next(logits, do_sample, temperature, top_p, generator).masked_fill(done, fill)
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         done |= torch.isin(token, eos)
         if t == max_new_tokens - 1 or bool(done.all()):
             break

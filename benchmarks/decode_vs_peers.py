@@ -110,9 +110,10 @@ def hf_method(name: str, hf, cache, token: Tensor, batch: int, rows_of) -> Metho
     return Method(name, step, lambda: rows_of(cache))
 
 
-def attention_method(name: str, cache: avl.ModalCache, batch: int, dtype: torch.dtype) -> Method:
+def attention_method(name: str, model: LlamaModel, cache: avl.ModalCache, batch: int, dtype: torch.dtype) -> Method:
     """Only the cache's part of a decode step (`LayerCache.step` of every layer: append, attend,
-    update) on random q/k/v, on its own copy of the cache: what a policy changes in the step."""
+    update; a shifted cache also rotates the rows it reads) on random q/k/v, on its own copy of the
+    cache: what a policy changes in the step."""
     cache = cache.repeat_interleave(batch)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(batch, 32, 1, 128, generator=g).to(dtype) for _ in range(3))
@@ -121,8 +122,9 @@ def attention_method(name: str, cache: avl.ModalCache, batch: int, dtype: torch.
     def step() -> None:
         plan = cache.next_step()
         method.kinds.append("refresh" if plan.refresh else "core")
-        for layer, width in zip(cache.layers, plan.widths):
-            layer.step(q, k, v, 128**-0.5, plan.refresh, width)
+        for block, layer, width in zip(model.layers, cache.layers, plan.widths):
+            rotate = model.rotation(block.self_attn, cache.rotary_state) if layer.shifted else None
+            layer.step(q, k, v, 128**-0.5, plan.refresh, width, rotate)
 
     method.step = step
     return method
@@ -202,7 +204,7 @@ def measure(dtype: torch.dtype, n_image: int, args: argparse.Namespace, kvpress)
         if snap is not None:
             methods.append(hf_method("kvpress SnapKV 50%", hf, snap[0], snap[1], batch, dynamic_rows))
         methods += [avl_method(name, model, cache, token, batch) for name, (cache, token) in caches.items()]
-        methods += [attention_method(f"{name} [attention]", cache, batch, dtype) for name, (cache, _) in caches.items()]
+        methods += [attention_method(f"{name} [attention]", model, cache, batch, dtype) for name, (cache, _) in caches.items()]
         run_round_robin(methods, args.warmup, args.steps)
         base = methods[0]
         for m in methods:

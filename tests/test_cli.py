@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from avl.cli import main
-from avl.tiny import build_tiny_llava
+from avl.testing.llava_checkpoint import build_tiny_llava
 from tiny_llava import (
     build_tiny_mllama_checkpoint,
     build_tiny_next_checkpoint,
@@ -116,6 +116,33 @@ def generate_argv(tiny, *extra: str) -> list[str]:
             "--max-new-tokens", "2", *extra]
 
 
+def layer_rows(out: str, layer: int = 0) -> float:
+    """Stored rows of one layer in the printed cache table."""
+    return float(next(line.split()[1] for line in out.splitlines() if line.split()[:1] == [str(layer)]))
+
+
+def test_generate_takes_several_images_in_one_prompt(tiny, tmp_path, capsys):
+    green = tmp_path / "green.png"
+    Image.new("RGB", (90, 40), (10, 200, 10)).save(green)
+    main(generate_argv(tiny))
+    one = capsys.readouterr().out
+    main(generate_argv(tiny, "--image", str(green)))
+    two = capsys.readouterr().out
+    assert two.startswith("answer: ")
+    assert layer_rows(two) - layer_rows(one) == 576 + 1  # the second image: its 576 rows and the newline after it
+    with pytest.raises(SystemExit):
+        main(generate_argv(tiny, "--image", str(tmp_path / "missing.png")))
+    err = capsys.readouterr().err
+    assert err.startswith("avl generate: error: --image ") and "missing.png: no such file" in err.replace("'", "")
+
+
+def test_stream_prints_the_same_answer_as_it_is_generated(tiny, capsys):
+    main(generate_argv(tiny, "--max-new-tokens", "6"))
+    plain = capsys.readouterr().out
+    main(generate_argv(tiny, "--max-new-tokens", "6", "--stream"))
+    assert capsys.readouterr().out == plain
+
+
 def test_user_errors_of_generate_are_one_line_with_exit_2(tiny, tmp_path, capsys, monkeypatch):
     empty = tmp_path / "not-a-checkpoint"
     empty.mkdir()
@@ -174,7 +201,7 @@ def test_streaming_positions_is_a_policy_option():
     import argparse
 
     from avl.cache.policies import StreamingLLM
-    from avl.cli import add_policy_options, policy_from_args
+    from avl.cli_policies import add_policy_options, policy_from_args
 
     parser = argparse.ArgumentParser()
     add_policy_options(parser)

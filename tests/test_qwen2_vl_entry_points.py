@@ -11,9 +11,9 @@ from PIL import Image
 import avl
 from avl.cli import main
 from avl.eval import EvalConfig, evaluate, get_family
-from avl.eval.tiny import write_tiny_parquet
 from avl.processing import qwen2_vl_prompt, render_chat_template
 from avl.processing.auto import load_chat_processor
+from avl.testing.eval_data import write_tiny_parquet
 from tiny_qwen2_vl import CHAT_TEMPLATE, build_checkpoint
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -60,6 +60,28 @@ def test_chat_processor_inputs_generate_what_transformers_generates(checkpoint):
     assert out.tokens.tolist() == ref[:, inputs["input_ids"].shape[1]:].tolist()
     assert processor.stop_token_ids == (processor.processor.tokenizer.token_to_id("<|im_end|>"),
                                         processor.processor.tokenizer.token_to_id("<|endoftext|>"))
+
+
+def test_two_image_prompt_is_what_the_hub_chat_template_renders():
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is larger?"}]
+    expected = render_chat_template(CHAT_TEMPLATE, [{"role": "user", "content": content}], add_generation_prompt=True)
+    assert qwen2_vl_prompt("Which is larger?", n_images=2) == expected
+
+
+@torch.inference_mode()
+def test_two_images_in_one_prompt_generate_what_transformers_generates(checkpoint):
+    directory, hf = checkpoint
+    processor = load_chat_processor(directory)
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for h, w in ((60, 110), (130, 50))]
+    inputs = processor(["Compare them."], [images])
+    assert inputs["image_grid_thw"].shape[0] == 2 and inputs["input_ids"].shape[0] == 1
+    steps = 6
+    ref = hf.generate(**{k: v.to(torch.float64) if v.is_floating_point() else v for k, v in inputs.items()},
+                      max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    out = avl.generate(avl.load(directory).set_reference_casts(), **inputs, max_new_tokens=steps)
+    assert out.tokens.tolist() == ref[:, inputs["input_ids"].shape[1]:].tolist()
 
 
 def test_cli_generate_runs_the_checkpoint(checkpoint, tmp_path, capsys):

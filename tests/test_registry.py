@@ -4,28 +4,54 @@ command-line options and grid fields come from the policies' dataclass fields.""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import avl
 from avl.cache.registry import POLICIES, parse_policy, policy_name
-from avl.cli import build_parser, policy_from_args
+from avl.cli import build_parser
+from avl.cli_policies import policy_from_args
 from avl.eval.sweep import parse_grid, policy_label, policy_slug
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def generate_args(*extra: str):
     return build_parser().parse_args(["generate", "--model", "m", "--image", "i", "--prompt", "p", *extra])
 
 
-def test_generate_help_lists_every_policys_fields(capsys):
+POLICY_COMMANDS = ("generate", "demo", "eval")  # the subcommands that take a cache policy
+
+
+def help_text(command: str, capsys) -> str:
+    """`avl <command> --help`, whitespace-normalised."""
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+        build_parser().parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", POLICY_COMMANDS)
+def test_help_lists_every_policys_fields(command, capsys):
+    text = help_text(command, capsys)
     for name, cls in POLICIES.items():
         assert name in text
         for field in dataclasses.fields(cls):
-            assert f"--{name}-{field.name.replace('_', '-')}" in text, (name, field.name)
+            assert f"--{name}-{field.name.replace('_', '-')}" in text, (command, name, field.name)
             assert f"{cls.__name__}.{field.name}" in text
+
+
+def test_python_m_avl_eval_lists_them_without_importing_avl_cli():
+    """`python -m avl.eval` builds the same policy options from avl.cli_policies; nothing imports avl.cli back."""
+    code = ("import sys\nfrom avl.eval.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'avl.cli' not in sys.modules, 'avl.cli was imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--snapkv-window-size" in run.stdout and "--pyramiddrop-layers" in run.stdout
 
 
 def test_a_field_added_to_a_policy_dataclass_appears_without_editing_the_cli(monkeypatch, capsys):
@@ -38,9 +64,12 @@ def test_a_field_added_to_a_policy_dataclass_appears_without_editing_the_cli(mon
     args = generate_args("--policy", "boosted", "--boosted-boost", "2.5", "--boosted-stages", "3,4",
                          "--boosted-window-size", "8")
     assert policy_from_args(args) == BoostedSnapKV(boost=2.5, stages=(3, 4), window_size=8)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--help"])
-    assert "--boosted-boost" in capsys.readouterr().out
+    eval_args = build_parser().parse_args(["eval", "--model", "m", "--task", "t", "--data", "d", "--policy", "boosted",
+                                           "--boosted-boost", "0.5"])
+    assert policy_from_args(eval_args) == BoostedSnapKV(boost=0.5)
+    for command in POLICY_COMMANDS:
+        text = help_text(command, capsys)
+        assert "--boosted-boost" in text and "BoostedSnapKV.stages" in text, command
     assert parse_grid("boosted: boost=1,2 stages=5/6")[0] == [BoostedSnapKV(boost=1.0, stages=(5, 6)),
                                                               BoostedSnapKV(boost=2.0, stages=(5, 6))]
 

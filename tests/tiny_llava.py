@@ -52,6 +52,7 @@ POLICIES = [
     ObservedAttention(0.5),
     RandomEviction(0.5, seed=1),
     avl.StreamingLLM(sinks=2, window=8, positions="original"),
+    avl.VLCache(0.5),
 ]
 
 
@@ -104,7 +105,7 @@ def build_tiny_next_checkpoint(directory: Path) -> Path:
 
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from avl.processing import build_tiny_llama_tokenizer
+    from avl.testing.llama_tokenizer import build_tiny_llama_tokenizer
 
     ids = build_tiny_llama_tokenizer(directory, vocab_size=512)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -150,7 +151,7 @@ def build_tiny_mllama_checkpoint(directory: Path) -> Path:
     from tokenizers import Tokenizer as BackendTokenizer
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-    from avl.processing import build_tiny_llama_tokenizer
+    from avl.testing.llama_tokenizer import build_tiny_llama_tokenizer
 
     ids = build_tiny_llama_tokenizer(directory, vocab_size=512)
     backend = BackendTokenizer.from_file(str(directory / "tokenizer.json"))
@@ -179,7 +180,7 @@ def build_tiny_onevision_checkpoint(directory: Path) -> Path:
 
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-    from avl.processing import build_tiny_qwen2_tokenizer
+    from avl.testing.qwen2_tokenizer import build_tiny_qwen2_tokenizer
     from avl.processing.llava_onevision import ONEVISION_CHAT_TEMPLATE
     from avl.processing.tokenizer import Tokenizer
 

@@ -4,7 +4,8 @@
     avl analyze --model DIR --sweep-data PARQUET_OR_JSONL --task flickr30k_test --limit 100 --out DIR
 
 Writes `<out>/analysis.json` (the report; a sweep adds the task and each sample's tokens) and the
-figures `shares.png`, `concentration.png`, `ppci_layers.png`, `ppci_steps.png`.
+figures `shares.png` (not for Llama-3.2-Vision, whose report has no modal shares), `concentration.png`,
+`ppci_layers.png`, `ppci_steps.png`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from avl.analysis.analyze import analyze
 from avl.analysis.figures import write_figures
 from avl.analysis.report import AttentionReport
 from avl.analysis.sweep import analyze_task
-from avl.cli_errors import add_debug_option, run_reporting_errors
+from avl.cli_errors import add_debug_option, positive_int, run_reporting_errors
 from avl.eval.data import open_dataset
 from avl.eval.runner import load_for_eval
 from avl.eval.tasks import TASKS, get_task
@@ -31,7 +32,8 @@ __all__ = ["add_analyze_parser", "run_analyze"]
 
 DESCRIPTION = ("Attention analysis (the A-VL paper's Fig. 1, 3, 4, 5): per-modality attention shares, image "
                "attention concentration and PPCI of a greedy generation on the full cache; for one image and "
-               "prompt, or averaged over an eval task's samples (--sweep-data).")
+               "prompt, or averaged over an eval task's samples (--sweep-data). Llama-3.2-Vision: concentration "
+               "and PPCI over its cross-attention layers' image features (no modal shares).")
 
 
 def ratio(text: str) -> float:
@@ -47,8 +49,6 @@ def ratio(text: str) -> float:
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `analyze` subcommand to `avl`'s subparsers."""
-    from avl.cli import positive_int  # lazy: avl.cli imports this module to add the subcommand
-
     parser = subparsers.add_parser("analyze", help="attention shares, concentration and PPCI, with figures",
                                    description=DESCRIPTION)
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")

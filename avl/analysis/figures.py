@@ -5,6 +5,9 @@
   at the prefill's last row (t = 0) and averaged over the decode steps t >= 1 (Fig. 3);
 - `ppci_layers.png`: per layer, the PPCI of its top image rows with layer 0's at t = 0 (Fig. 4);
 - `ppci_steps.png`: per layer and step, the PPCI with the layer's own top rows at t = 0, a heat map (Fig. 5).
+
+A cross-attention report (Llama-3.2-Vision) has no modal shares, so no `shares.png`; its layer axes
+are its cross-attention layers.
 """
 
 from __future__ import annotations
@@ -149,21 +152,25 @@ def heat_map_figure(path: Path, title: str, x_label: str, y_label: str, values: 
 
 
 def write_figures(report: AttentionReport, directory: str | Path) -> list[Path]:
-    """Write the four figures (`FIGURES`) of `report` into `directory`; returns their paths."""
+    """Write the figures (`FIGURES`; all but `shares.png` for a report without modal shares) of
+    `report` into `directory`; returns their paths."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     scope = f"mean of {report.samples} samples" if report.samples > 1 else "one sample"
+    cross = report.attention == "cross"
+    layer, rows = ("cross-attention layer", "image features") if cross else ("layer", "image tokens")
     decode = report.concentration[1:]
     concentration = {"prefill (t=0)": report.concentration[0]}
     if decode:
         concentration["decode (mean)"] = [sum(c) / len(decode) for c in zip(*decode)]
-    return [
+    shares = [] if report.modal_shares is None else [
         line_figure(out / FIGURES[0], f"Attention share per modality ({scope})", "step t", "share of attention",
-                    {m: [s[m] for s in report.modal_shares] for m in MODALITIES}),
-        line_figure(out / FIGURES[1], f"Image attention concentration ({scope})", "layer",
-                    f"share of image tokens ({report.mass:g} mass)", concentration),
-        bar_figure(out / FIGURES[2], f"PPCI with layer 0, top {report.top:g} ({scope})", "layer", "PPCI",
+                    {m: [s[m] for s in report.modal_shares] for m in MODALITIES})]
+    return shares + [
+        line_figure(out / FIGURES[1], f"Image attention concentration ({scope})", layer,
+                    f"share of {rows} ({report.mass:g} mass)", concentration),
+        bar_figure(out / FIGURES[2], f"PPCI with {layer} 0, top {report.top:g} ({scope})", layer, "PPCI",
                    report.ppci_layers),
-        heat_map_figure(out / FIGURES[3], f"PPCI with step 0 per layer, top {report.top:g} ({scope})", "step t",
-                        "layer", report.ppci_steps),
+        heat_map_figure(out / FIGURES[3], f"PPCI with step 0 per {layer}, top {report.top:g} ({scope})", "step t",
+                        layer, report.ppci_steps),
     ]

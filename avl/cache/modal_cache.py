@@ -10,7 +10,9 @@ of this step (the core set, or all secondary rows on a refresh step) and the evi
 the step's width, through the gathered-attention op, and then updates the policy's statistics.
 What a step reads follows what is live:
 
-- the core index is as wide as the batch's largest core count, not the secondary set;
+- the core index is as wide as the batch's largest core count, not the secondary set, and the
+  core rows occupy the first vision slots (a refresh swaps the rows that leave the core with those
+  that enter it, `avl::swap_rows_`), so a core step reads them as one block, in place;
 - the evictable region is attended, scored and evicted only up to `width`, the highest slot any
   row of the batch can occupy at this step. New rows take the first free slot, so occupied slots
   stay below the largest live count seen so far; the host knows that count without reading the
@@ -35,7 +37,7 @@ import torch
 from torch import Tensor
 
 from avl.cache.layout import top_rows
-from avl.ops import gathered_attention
+from avl.ops import gathered_attention, swap_rows_
 
 if TYPE_CHECKING:  # policies.py builds these caches, so it imports this module
     from avl.cache.policies import Policy
@@ -115,7 +117,7 @@ class LayerCache:
     v: Tensor  # [B, Hkv, S, D]
     system: Tensor  # [B, A] slots always attended
     vision: Tensor  # [B, Nv] slots of the kept (secondary) image rows
-    core: Tensor  # [B, Nc] slots of the core image rows, a subset of `vision`; Nc = the largest core count
+    core: Tensor  # [B, Nc] slots of the core image rows: the first `core_count` of `vision`; Nc = the largest core count
     core_count: Tensor  # [B] core rows per sample
     live: Tensor  # [B, Hkv, E] evictable slot holds a row
     order: Tensor  # [B, Hkv, E] entry number of that row in the evictable region (recency)
@@ -228,15 +230,23 @@ class LayerCache:
         live.masked_fill_(over[..., None] & (slots - 1 == victim), False)
 
     def refresh_core(self, image_probs: Tensor) -> None:
-        """Re-rank the core set from this step's head-mean probabilities over `vision` [B, Nv].
-        The core keeps ascending slot order, so the op reads it front to back."""
+        """Re-rank the core set from this step's head-mean probabilities over `vision` [B, Nv]
+        (ties: the earlier vision slot) and move it to the front of the vision slots: each row
+        that leaves the core swaps places (K and V, every head) with one that enters it, so the
+        core stays the first `core_count` vision slots and a core step reads them as one block."""
+        n_vision, width = self.vision.shape[1], self.core.shape[1]
+        if width == 0 or width == n_vision:
+            return  # the core is every secondary row: nothing can enter or leave
         ranked = image_probs.masked_fill(self.vision < 0, float("-inf")).argsort(dim=-1, descending=True, stable=True)
-        width = self.core.shape[1]
-        core = self.vision.gather(1, ranked[:, :width])
-        taken = torch.arange(width, device=core.device)[None, :] < self.core_count[:, None]
-        beyond = self.k.shape[2]  # sorts after every slot
-        core = torch.where(taken, core, beyond).sort(dim=-1).values
-        self.core.copy_(torch.where(core < beyond, core, -1))
+        position = torch.arange(n_vision, device=self.vision.device)
+        chosen = ranked.argsort(dim=-1) < self.core_count[:, None]  # [B, Nv] positions of the new core
+        current = position < self.core_count[:, None]
+
+        def slots_where(mask: Tensor) -> Tensor:  # [B, width] vision slots of mask's positions, in order; -1 after
+            at = torch.where(mask, position, n_vision).sort(dim=-1).values[:, :width]
+            return torch.where(at < n_vision, self.vision.gather(1, at.clamp(max=n_vision - 1)), -1)
+
+        swap_rows_(self.k, self.v, slots_where(current & ~chosen), slots_where(chosen & ~current))
 
     def live_rows(self) -> Tensor:
         """The largest live count over the heads of each sample, [B]."""

@@ -10,7 +10,10 @@ cache). It answers these questions; `build_layer_cache` applies them at prefill 
 - `eviction()`: the `Budget` of the evictable rows;
 - `prune_keep(layer)`: whether image hidden states are dropped after a prefill layer;
 - `prompt_keep(layer, ...)`: each KV head's evictable prompt rows kept after a prefill layer's
-  attention, chosen from its queries and keys (the kvpress-pinned policies); None for the others.
+  attention, chosen from its queries and keys (the kvpress-pinned policies); None for the others;
+- `layer_scores(layer, ...)` / `shared_keep(...)`: the same choice for a policy that splits one budget
+  over the layers (VL-Cache): each layer's scores are taken as it runs, the rows are chosen once every
+  layer has run.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ def _check_count(name: str, value: int | None, minimum: int) -> None:
 
 
 @dataclass(frozen=True)
+class LayerScores:
+    """One prefill layer's statistics for a policy that splits one budget over the layers
+    (`Policy.layer_scores`): its rows' scores and its claim on the shared budget."""
+
+    scores: Tensor  # [B, Hkv, L] higher = kept; -inf on padding
+    weight: Tensor  # [B] the layer's weight in the split of each sample's budget (> 0)
+    valid: Tensor  # [B, L] the layer's prompt rows (False on left padding)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Base: the full cache. Subclasses override the parts they change."""
 
@@ -95,6 +108,19 @@ class Policy:
         valid [B, L] and attention scale; applied to the evictable rows. None: keep what the roles
         and the budget keep."""
         return None
+
+    def layer_scores(self, layer: int, q: Tensor, k: Tensor, layout: PromptLayout,
+                     scale: float) -> LayerScores | None:
+        """Prefill `layer`'s scores for a keep decision taken after every layer has run (`shared_keep`),
+        from the same q, k and scale as `prompt_keep` and the prompt's layout. None: the layer's cache
+        is built right after its attention (every policy but VL-Cache). Otherwise each layer's full
+        K/V waits until the prefill's end: its peak KV memory is that of the uncompressed cache."""
+        return None
+
+    def shared_keep(self, layers: list[LayerScores]) -> list[Tensor]:
+        """Keep masks [B, Hkv, L] of the evictable rows, one per self-attention layer in order, from
+        every layer's `layer_scores`."""
+        raise NotImplementedError(f"{type(self).__name__} returns layer_scores but has no shared_keep")
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if the policy names a layer the model does not have."""
@@ -333,9 +359,10 @@ def build_layer_cache(
     else:
         secondary, core_count = (torch.minimum(c, image.sum(-1)) for c in counts)
     kept_image = top_rows(image_scores, image, secondary)
+    core_image = top_rows(image_scores, kept_image, core_count)
 
     pinned_rows = packed_index(roles == Role.PINNED)  # [B, A]
-    vision_rows = packed_index(kept_image)  # [B, Nv]
+    vision_rows = core_first(kept_image, core_image)  # [B, Nv]
     pinned_index = torch.cat([pinned_rows, vision_rows], dim=1)  # [B, A + Nv] token index per slot
     n_pinned = pinned_rows.shape[1]
 
@@ -377,12 +404,13 @@ def build_layer_cache(
     system = torch.where(pinned_rows >= 0, slot_ids[:, :n_pinned], -1)
     vision = torch.where(vision_rows >= 0, slot_ids[:, n_pinned:], -1)
     core_width = int(core_count.max()) if core_count.numel() else 0
+    core = torch.where(slot_ids[:, :core_width] < core_count[:, None], vision[:, :core_width], -1)
     layer = LayerCache(
         k=rows_of(k, slots),
         v=rows_of(v, slots),
         system=system,
         vision=vision,
-        core=vision[:, :core_width].clone(),
+        core=core,
         core_count=core_count,
         live=live,
         order=order.gather(2, slot_order),
@@ -392,9 +420,20 @@ def build_layer_cache(
         budget=budget,
         shifted=policy.shifts_positions(),
     )
-    vision_scores = image_scores.gather(1, vision_rows.clamp(min=0))
-    layer.refresh_core(vision_scores)
     return layer
+
+
+def core_first(kept: Tensor, core: Tensor) -> Tensor:
+    """Row numbers of the kept rows [B, L] -> [B, max kept], the core rows first, then the other
+    kept rows, each in row order; -1 after a sample's last kept row. The core then occupies the
+    cache's first vision slots, which a core step reads as one block (`LayerCache.refresh_core`
+    keeps it there)."""
+    rows = kept.shape[1]
+    row = torch.arange(rows, device=kept.device)
+    key = torch.where(core, row, torch.where(kept, rows + row, 2 * rows))
+    width = int(kept.sum(-1).max()) if kept.numel() else 0
+    ordered = key.sort(dim=-1).values[:, :width]
+    return torch.where(ordered < 2 * rows, ordered % rows, -1)
 
 
 def split_policy(policy: Policy | FeaturePolicy) -> tuple[Policy, FeaturePolicy | None]:

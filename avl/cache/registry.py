@@ -1,7 +1,7 @@
 """The one table of policy names: `avl generate`, `avl demo`, `avl eval` and sweeps all read it.
 
 `POLICIES` maps a name to its dataclass; every field of that dataclass is settable from the
-command line (`--<name>-<field>`, see `avl.cli`) and from a sweep grid (`"name: field=v1,v2"`),
+command line (`--<name>-<field>`, see `avl.cli_policies`) and from a sweep grid (`"name: field=v1,v2"`),
 with values parsed by `parse_value` from the field's annotation. A field added to a policy
 dataclass therefore appears in both without editing either.
 
@@ -23,6 +23,7 @@ from avl.cache.policies import AVL, H2O, FastV, FeaturePolicy, Full, Policy, Str
 from avl.cache.token_pruning import PyramidDrop
 from avl.cache.trim import Trim
 from avl.cache.visionzip import VisionZip
+from avl.cache.vl_cache import VLCache
 
 POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "full": Full,
@@ -38,6 +39,7 @@ POLICIES: dict[str, type[Policy] | type[FeaturePolicy]] = {
     "knorm": KNorm,
     "observed": ObservedAttention,
     "random": RandomEviction,
+    "vlcache": VLCache,
     "visionzip": VisionZip,
 }
 

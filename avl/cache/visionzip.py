@@ -49,13 +49,14 @@ class VisionZip(FeaturePolicy):
     """VisionZip's settings: `dominant` tokens (CLS included) and `contextual` merged tokens per
     image, from the vision layer `layer` (the layer LLaVA takes its features from, -2).
 
-    A feature policy of LLaVA-1.5 (`generate(..., feature_policy=VisionZip())`): the processor
-    expands each image placeholder to the full patch count as usual, and the model compacts the
-    prompt in prefill: each image keeps its first `dominant + contextual` placeholder rows, which
-    receive the selected features (dominant, then contextual, projected), and the rest are dropped
-    before the language model, positions renumbered contiguously, as the release's shorter prompt
-    has them. The sequence policy then sees `dominant + contextual` image rows per image (its
-    ratios refer to that count).
+    A feature policy of LLaVA-1.5 and LLaVA-NeXT (`generate(..., feature_policy=VisionZip())`): the
+    processor expands each image placeholder to the full count as usual, and the model compacts the
+    prompt in prefill: each image gets one row per selected token (dominant, then contextual,
+    projected; LLaVA-NeXT: `dominant + contextual` per anyres tile, packed by
+    `anyres_visionzip_tokens`), the other rows are dropped before the language model, positions
+    renumbered contiguously, as the release's shorter prompt has them. The sequence policy then sees
+    that many image rows per image (its ratios refer to that count). LLaVA-OneVision refuses it:
+    SigLIP has no [CLS] token to rank patches by, and the release has no rule for such towers.
     """
 
     in_sequence = True
@@ -112,3 +113,28 @@ def visionzip_select(hidden: Tensor, attention: ClsAttention, dominant: int, con
     dominant_hidden = hidden.gather(1, dominant_index[..., None].expand(-1, -1, hidden.shape[-1]))
     return VisionZipSelection(torch.cat([dominant_hidden, merged], dim=1), dominant_index, rest_index[:, targets],
                               group)
+
+
+def anyres_visionzip_tokens(features: Tensor, dominant: Tensor, rows: int, cols: int, side: int) -> Tensor:
+    """One LLaVA-NeXT image's VisionZip tokens [(1 + rows * cols) * (D + C), C'] from its tiles' selected
+    features [1 + rows * cols, D + C, C'] (base tile first, then the grid row by row; per tile the
+    D dominant tokens in order, CLS first, then the C contextual ones) and their dominant token
+    indices [1 + rows * cols, D] (0 = CLS, patch p at 1 + p of a `side` x `side` tile), in the order
+    of the release's LLaVA-NeXT path (`llava_arch.py`, `restore_image_features_sorted`, spatial_unpad):
+
+    - the base tile's D + C tokens as they are;
+    - the grid tiles' dominant patches in raster order of the grid's whole feature map (rows of
+      tiles, then rows of patches): no padding cut, no `image_newline` (the release drops both);
+    - the grid tiles' CLS tokens, tile by tile;
+    - the grid tiles' contextual tokens, tile by tile.
+
+    The release hard-codes CLIP-L/336's 24 x 24 patches per tile; `side` is the tower's own.
+    """
+    base, grid, index = features[0], features[1:], dominant[1:]
+    d = index.shape[1]
+    tile = torch.arange(grid.shape[0], device=features.device)[:, None]
+    patch = index[:, 1:] - 1  # [G, D - 1] patch number inside its tile, row by row
+    row = (tile // cols) * side + patch // side  # the patch's row and column in the grid's feature map
+    column = (tile % cols) * side + patch % side
+    raster = (row * cols * side + column).flatten().argsort()
+    return torch.cat([base, grid[:, 1:d].flatten(0, 1)[raster], grid[:, 0], grid[:, d:].flatten(0, 1)])

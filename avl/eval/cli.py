@@ -16,9 +16,11 @@ from typing import Any
 
 from avl.cache.policies import Full
 from avl.cli_errors import OneLineErrorParser, add_debug_option, run_reporting_errors
+from avl.cli_policies import add_policy_options, policy_from_args
 from avl.eval.distributed import Dist
 from avl.eval.runner import DTYPES, PTB_BACKENDS, EvalConfig, evaluate, load_for_eval, print_summary
 from avl.eval.tasks import TASKS
+from avl.families import FAMILIES
 
 __all__ = ["add_eval_arguments", "add_eval_parser", "main", "run_eval"]
 
@@ -28,8 +30,6 @@ DESCRIPTION = ("Evaluate a model with a KV-cache policy on one of the A-VL paper
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `avl eval` (and of `python -m avl.eval`)."""
-    from avl.cli import add_policy_options  # lazy: avl.cli imports this module to add the subcommand
-
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id")
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
     parser.add_argument("--data", required=True,
@@ -43,7 +43,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="decode under torch.compile(fullgraph=True)")
     parser.add_argument("--max-new-tokens", type=int, help="override the task's lmms-eval setting")
-    parser.add_argument("--family", help="override config.json's model_type for the prompt template")
+    parser.add_argument("--family", choices=list(FAMILIES),
+                        help="override config.json's model_type for the prompt template (avl.families)")
     parser.add_argument("--ptb-tokenizer", choices=PTB_BACKENDS, default="python",
                         help="CIDEr tokenisation: the Python PTB approximation or the exact Java one (pycocoevalcap)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,7 +81,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from avl.cli import policy_from_args
     from avl.eval.sweep import policy_slug, run_sweep, sweep_policies
 
     dist = None

@@ -7,7 +7,9 @@
   changes a sample's result), then one JSON record per sample, appended (and flushed) as soon as it is done;
 * ``samples.rank<r>.jsonl`` while a data-parallel run is under way (one writer per file); rank 0
   merges them into ``samples.jsonl`` at the end;
-* ``summary.json``.
+* ``summary.json``: the metrics, the KV cache (``kv_cache``, the paper's Table 3 numbers) and the
+  ``efficiency`` block (time to first token, time per output token, KV bytes, peak memory:
+  :mod:`avl.eval.efficiency`), over every selected sample, those of earlier (resumed) runs included.
 
 A new run reads every results file in DIR, refuses one whose header belongs to a different
 configuration (:class:`RunMismatchError`, naming the fields that differ), and skips the samples
@@ -24,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from avl.eval.efficiency import efficiency_summary
 from avl.eval.tasks import Task
 
 __all__ = ["RESULTS_NAME", "SUMMARY_NAME", "ResultsStore", "RunMismatchError", "config_hash", "format_summary",
@@ -169,11 +172,16 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def kv_summary(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """The paper's Table 3 numbers: mean over samples of the cache bytes stored / used after the last
-    step (MB) and as a share of the uncompressed cache (mean stored / mean full, in %)."""
+def kv_means(records: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The mean over `records` of each of their ``kv`` fields; None when none has one."""
     kv = [r["kv"] for r in records if r.get("kv")]
-    mean = {name: _mean([k[name] for k in kv]) for name in KV_FIELDS}
+    return {name: _mean([k[name] for k in kv]) for name in KV_FIELDS} if kv else None
+
+
+def kv_summary(means: Mapping[str, float] | None) -> dict[str, float]:
+    """The paper's Table 3 numbers from :func:`kv_means`: mean over samples of the cache bytes stored /
+    used after the last step (MB) and as a share of the uncompressed cache (mean stored / mean full, in %)."""
+    mean = means or dict.fromkeys(KV_FIELDS, 0.0)
     full = mean["full_bytes"] or 1.0
     return {
         "stored_pct": 100 * mean["stored_bytes"] / full, "used_pct": 100 * mean["used_bytes"] / full,
@@ -187,6 +195,7 @@ def summarize(task: Task, config: Mapping[str, Any], records: Sequence[Record], 
     """The run summary over `records` (one per sample, failures included)."""
     ok = [r for r in records if r.get("error") is None]
     metrics = task.aggregate(ok, options)
+    kv = kv_means(ok)
     return {
         "task": task.name,
         "model": config.get("model"),
@@ -197,7 +206,8 @@ def summarize(task: Task, config: Mapping[str, Any], records: Sequence[Record], 
         "metrics": metrics,
         "samples": len(records),
         "failed": len(records) - len(ok),
-        "kv_cache": kv_summary(ok),
+        "kv_cache": kv_summary(kv),
+        "efficiency": efficiency_summary(ok, kv),
         "new_tokens_mean": _mean([r["new_tokens"] for r in ok]),
         "generation_s": sum(r.get("seconds", 0.0) for r in records),
         "wall_time_s": wall_time_s,
@@ -220,7 +230,18 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(f"  KV cache per sample after the last step: stored {kv['stored_pct']:.1f}% "
                  f"({kv['stored_mb']:.2f} MB), "
                  f"used {kv['used_pct']:.1f}% ({kv['used_mb']:.2f} MB) of {kv['full_mb']:.2f} MB full")
+    lines.append(_efficiency_line(summary["efficiency"]))
     rate = summary["samples"] / summary["generation_s"] if summary["generation_s"] else 0.0
     lines.append(f"  wall time {summary['wall_time_s']:.1f} s this run; generation {summary['generation_s']:.1f} s "
                  f"over all samples ({rate:.2f} samples/s per process)")
     return "\n".join(lines)
+
+
+def _efficiency_line(efficiency: Mapping[str, Any]) -> str:
+    def ms(seconds: float | None) -> str:
+        return "n/a" if seconds is None else f"{1e3 * seconds:.2f} ms"
+
+    peak = efficiency["peak_memory_bytes"]
+    memory = "n/a" if peak is None else f"{peak / MB:.1f} MB ({efficiency['peak_memory_source']})"
+    return (f"  time to first token {ms(efficiency['ttft_s'])}, per output token {ms(efficiency['time_per_token_s'])} "
+            f"(mean of {efficiency['timed_samples']} samples); peak memory {memory}")

@@ -15,7 +15,9 @@ Flow (every rank of a torchrun group runs it; a single process is rank 0 of 1):
 A record's ``kv`` is ``GenerationOutput.stats.total`` (bytes / rows stored and used after the last
 step, and those of the uncompressed cache, summed over layers) divided by the batch size: with
 ``batch_size > 1`` it is the batch's mean, and a batch decodes until its longest answer ends, so
-use ``batch_size=1`` for the paper's per-sample Table 3 numbers.
+use ``batch_size=1`` for the paper's per-sample Table 3 numbers. A record's ``efficiency`` holds its
+time to first token, time per output token and peak memory (:mod:`avl.eval.efficiency`; with
+``batch_size > 1`` the batch's), ``seconds`` the generation's wall-clock time divided by the batch size.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from avl.cache.policies import FeaturePolicy, Full, Policy, split_policy
 from avl.eval.data import Sample, SampleError, open_dataset
 from avl.eval.distributed import Dist, shard
-from avl.eval.families import Family, Processor, get_family
-from avl.eval.results import SUMMARY_NAME, Record, ResultsStore, format_summary, merge_record, summarize
+from avl.eval.efficiency import record_efficiency, reset_peak_memory
+from avl.eval.results import KV_FIELDS, SUMMARY_NAME, Record, ResultsStore, format_summary, merge_record, summarize
 from avl.eval.tasks import Task, get_task
+from avl.families import Family, Processor, get_family
 from avl.generate import Generative, generate
 from avl.inputs import check_policy
 from avl.loading import DTYPES, load
@@ -166,6 +170,7 @@ class _Worker:
         self.eos = tokenizer.eos_token_id
         self.pad = loaded.processor.pad_token_id
         self.param_dtype = next(loaded.model.parameters()).dtype
+        self.device = torch.device(loaded.device)
 
     def failure(self, sample: Sample, error: BaseException) -> Record:
         message = str(error) if isinstance(error, SampleError) else \
@@ -217,15 +222,16 @@ class _Worker:
         inputs = {k: v.to(loaded.device) for k, v in
                   loaded.processor([p.prompt for p in ready], [p.image for p in ready]).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.param_dtype)  # and e.g. LLaVA-NeXT's image_sizes
-        start = time.perf_counter()
         policy, feature_policy = split_policy(self.config.policy)
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
         out = generate(cast(Generative, loaded.model), **inputs, policy=policy, feature_policy=feature_policy,
                        max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
                        compile=self.config.compile)
         seconds = (time.perf_counter() - start) / len(ready)
+        efficiency = record_efficiency(out.timings, self.device)
         total = out.stats.total
-        kv = {name: getattr(total, name) / len(ready) for name in
-              ("stored_bytes", "used_bytes", "full_bytes", "stored_rows", "used_rows", "full_rows")}
+        kv = {name: getattr(total, name) / len(ready) for name in KV_FIELDS}
         records = []
         for item, row in zip(ready, out.tokens.tolist(), strict=True):
             ids = row[:row.index(self.eos)] if self.eos in row else row
@@ -237,7 +243,7 @@ class _Worker:
                 continue
             records.append({"index": item.sample.index, "id": item.sample.id, "error": None, "prediction": prediction,
                             "target": item.target, "scores": scores, "new_tokens": len(ids), "kv": kv,
-                            "seconds": seconds})
+                            "seconds": seconds, "efficiency": efficiency})
         return records
 
 

@@ -1,5 +1,6 @@
 """Policy sweeps: a grid of cache policies on one task -> one table (markdown, CSV) and a plot of
-the task metric against the KV cache kept, one line per policy family.
+the task metric against the KV cache stored and against the time per output token, one line per
+policy family.
 
 Grid syntax (``--grid``, repeatable): ``"[policy:] field=v1,v2 field=v ..."``, the cartesian
 product of the values, e.g. ``"secondary=0.3,0.5 core=0.1,0.2 refresh_every=3 prefill_keep=0.9
@@ -12,7 +13,10 @@ Combinations the policy rejects (e.g. ``core > secondary``) are skipped with a n
 
 Each point runs into ``<out>/runs/<policy slug>/`` (so a sweep resumes like a single run), and the
 table goes to ``<out>/sweep.md`` / ``sweep.csv``, the plot to ``<out>/sweep.png`` (needs the
-optional matplotlib: ``pip install 'avl[plot]'``).
+optional matplotlib: ``pip install 'avl[plot]'``). A row is one policy's summary: the score, the
+KV cache (``stored_pct`` / ``used_pct`` of the full cache, ``stored_mb`` / ``used_mb`` per sample)
+and its efficiency (:mod:`avl.eval.efficiency`) in readable units: ``ttft_ms``,
+``time_per_token_ms`` (n/a when no sample had a decode step), ``peak_memory_mb``.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from typing import Any
 from avl.cache.policies import FeaturePolicy, Policy, split_policy
 from avl.cache.registry import POLICIES, field_types, parse_value, policy_name
 from avl.eval.distributed import Dist
+from avl.eval.results import MB
 from avl.eval.runner import EvalConfig, LoadedModel, evaluate, load_for_eval, print_summary
 from avl.inputs import check_policy
 
-__all__ = ["BASELINES", "parse_grid", "plot_sweep", "policy_label", "policy_slug", "run_sweep",
-           "sweep_table"]
+__all__ = ["BASELINES", "PLOT_AXES", "parse_grid", "plot_points", "plot_sweep", "policy_label", "policy_slug",
+           "run_sweep", "sweep_table"]
 
 BASELINES = ("full", "fastv: keep=0.5", "h2o: budget=0.5", "streaming: sinks=4 window=256")
 
@@ -120,15 +125,23 @@ def sweep_policies(grids: Sequence[str], baselines: bool) -> tuple[list[Policy],
     return policies, notes
 
 
-COLUMNS = ("policy", "family", "metric", "score", "stored_pct", "stored_mb", "used_pct", "used_mb", "samples",
-           "failed", "generation_s", "out")
+COLUMNS = ("policy", "family", "metric", "score", "stored_pct", "stored_mb", "used_pct", "used_mb", "ttft_ms",
+           "time_per_token_ms", "peak_memory_mb", "samples", "failed", "generation_s", "out")
+# the plot's panels: (row column on the x axis, its label)
+PLOT_AXES = (("stored_mb", "KV cache stored per sample (MB)"), ("time_per_token_ms", "time per output token (ms)"))
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def _row(summary: dict[str, Any], policy: Policy) -> dict[str, Any]:
-    kv = summary["kv_cache"]
+    kv, efficiency = summary["kv_cache"], summary["efficiency"]
     return {"policy": policy_label(policy), "family": _family(policy), "metric": summary["metric"],
             "score": summary["score"], "stored_pct": kv["stored_pct"], "stored_mb": kv["stored_mb"],
-            "used_pct": kv["used_pct"], "used_mb": kv["used_mb"], "samples": summary["samples"],
+            "used_pct": kv["used_pct"], "used_mb": kv["used_mb"], "ttft_ms": _scaled(efficiency["ttft_s"], 1e3),
+            "time_per_token_ms": _scaled(efficiency["time_per_token_s"], 1e3),
+            "peak_memory_mb": _scaled(efficiency["peak_memory_bytes"], 1 / MB), "samples": summary["samples"],
             "failed": summary["failed"], "generation_s": summary["generation_s"], "out": summary.get("out", "")}
 
 
@@ -141,7 +154,7 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
 
     shown = [c for c in COLUMNS if c != "out"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in shown) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in shown) + " |" for row in rows]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
@@ -149,8 +162,24 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
+def plot_points(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """What the plot draws: per panel (its x column, :data:`PLOT_AXES`) and policy family, the
+    (x, score) points sorted by x; rows without a score or an x value (no decode step) are left out."""
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for column, _ in PLOT_AXES:
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for family in dict.fromkeys(r["family"] for r in rows):
+            points = sorted((r[column], r["score"]) for r in rows
+                            if r["family"] == family and r["score"] is not None and r[column] is not None)
+            if points:
+                lines[family] = points
+        panels[column] = lines
+    return panels
+
+
 def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Metric against KV cache stored (%), one line per policy family. Returns None (and says
+    """Two panels side by side: the metric against the KV cache stored per sample and against the
+    time per output token (:func:`plot_points`), one line per policy family. Returns None (and says
     why) without matplotlib."""
     try:
         import matplotlib
@@ -160,18 +189,19 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path |
     except ImportError:
         print("avl eval: no plot: matplotlib is not installed (pip install 'avl[plot]'); the table is written")
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family in dict.fromkeys(r["family"] for r in rows):
-        points = sorted((r["stored_pct"], r["score"]) for r in rows if r["family"] == family and r["score"] is not None)
-        if points:
-            xs, ys = zip(*points)  # noqa: B905
+    families = list(dict.fromkeys(r["family"] for r in rows))  # one colour per family in both panels
+    fig, panels = plt.subplots(1, len(PLOT_AXES), figsize=(11, 4), sharey=True)
+    for ax, (_, label), lines in zip(panels, PLOT_AXES, plot_points(rows).values(), strict=True):
+        for family, points in lines.items():
+            xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="*" if family == "full" else "o", linestyle="-" if len(points) > 1 else "none",
-                    label=family)
-    ax.set_xlabel("KV cache stored (% of the full cache)")
-    ax.set_ylabel(rows[0]["metric"] if rows else "score")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+                    color=f"C{families.index(family) % 10}", label=family)
+        ax.set_xlabel(label)
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend()
+    panels[0].set_ylabel(rows[0]["metric"] if rows else "score")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

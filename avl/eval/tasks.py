@@ -22,7 +22,7 @@ model wrappers turn into greedy). (*) ``_default_template_textvqa_yaml`` sets no
 value, for the same single-word-or-phrase answers (override with ``--max-new-tokens``).
 
 Prompts (``doc_to_text`` plus ``model_specific_prompt_kwargs``, chosen by the lmms-eval model
-name, ``"default"`` otherwise; see :mod:`avl.eval.families` for the chat template around them):
+name, ``"default"`` otherwise; see :mod:`avl.families` for the chat template around them):
 
 * docvqa: ``f"{pre_prompt}{question}{post_prompt}"``; default post_prompt
   ``"\\nAnswer the question using a single word or phrase."``, qwen_vl ``" Answer:"``.

@@ -15,15 +15,17 @@ prefill and its `CrossLayerCache` in decode. The cache policies then work on eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from avl.cache.layout import Modality, PromptLayout, packed_index, top_rows
 from avl.cache.modal_cache import CrossLayerCache, DecodeStep, LayerCache, ModalCache, Rotate
-from avl.cache.policies import FeaturePolicy, Policy, build_layer_cache
+from avl.cache.policies import FeaturePolicy, LayerScores, Policy, build_layer_cache
 from avl.models.layers import attention_probs, attention_received, prefill_attention
 
 
@@ -38,18 +40,30 @@ class AttentionObserver(Protocol):
         """A decode step of block `layer`: the cache slots it attended, idx [B, Hkv, M], and the
         gathered-attention op's probabilities over them, probs [B, Hq, M]."""
 
+    def cross(self, layer: int, allowed: Tensor, probs: Tensor) -> None:
+        """Cross-attention block `layer`: the feature slots its query row attends, allowed [B, N], and
+        the probabilities over them, probs [B, Hq, N] (0 where not allowed); first for the last prompt
+        row in prefill (over the image context the block attended), then for each decode step's token
+        (over its `CrossLayerCache`)."""
+
+
+CrossObserver = Callable[[Tensor, Tensor], None]
+"""`observe(allowed, probs)`: an `AttentionObserver.cross` bound to one block."""
+
 
 class CrossAttentionBlock(nn.Module):
     """A decoder block that cross-attends image features instead of self-attending.
 
-    `prefill(h, layout, image, feature_policy)` runs the prompt over the image context (its type is
-    the family's) and returns `(h, image, cache)`: the context later cross-attention blocks use
-    (trimmed when `feature_policy` trims, which the loop passes to the first such block only) and
-    this block's `CrossLayerCache`. `decode(h, cache)` runs one token over that cache.
+    `prefill(h, layout, image, feature_policy, observe)` runs the prompt over the image context (its
+    type is the family's) and returns `(h, image, cache)`: the context later cross-attention blocks
+    use (trimmed when `feature_policy` trims, which the loop passes to the first such block only) and
+    this block's `CrossLayerCache`. `decode(h, cache)` runs one token over that cache. `observe`
+    (None unless the decoder has an observer) is called with the last prompt row's attention, and the
+    returned cache calls it on each decode step (`AttentionObserver.cross`).
     """
 
-    def prefill(self, h: Tensor, layout: PromptLayout, image: object, feature_policy: FeaturePolicy | None
-                ) -> tuple[Tensor, object, CrossLayerCache]:
+    def prefill(self, h: Tensor, layout: PromptLayout, image: object, feature_policy: FeaturePolicy | None,
+                observe: CrossObserver | None = None) -> tuple[Tensor, object, CrossLayerCache]:
         raise NotImplementedError
 
     def decode(self, h: Tensor, cache: CrossLayerCache) -> Tensor:
@@ -59,12 +73,15 @@ class CrossAttentionBlock(nn.Module):
 class CachedDecoder(nn.Module):
     """`prefill` runs the prompt block by block; after each self-attention block's attention the
     policy's cache for that block is built (so peak KV memory is the compacted cache plus one full
-    layer), and a policy may drop image rows from the hidden states. `decode` runs one token per
-    sample against the `ModalCache`, one cache call per block.
+    layer; a policy with `layer_scores`, VL-Cache, builds every layer's cache at the prefill's end,
+    once its shared budget is split), and a policy may drop image rows from the hidden states.
+    `decode` runs one token per sample against the `ModalCache`, one cache call per block.
 
     `observer` (None: nothing changes) is handed each self-attention block's last-prompt-row
     probabilities in prefill, and is wired into the block's `LayerCache` to see every decode step's
-    probabilities; a Python callback, so only for eager decode (`avl.analysis.observing` sets it).
+    probabilities; cross-attention blocks get it bound to their index (`observe`) and hand it their
+    query row's probabilities the same way. A Python callback, so only for eager decode
+    (`avl.analysis.observing` sets it).
     """
 
     observer: AttentionObserver | None = None
@@ -88,20 +105,29 @@ class CachedDecoder(nn.Module):
         (`ModalCache.rotary_state`); None by default. Qwen-VL: the prompt's dynamic-NTK alpha."""
         return None
 
-    def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Rotary tables of a decode step at positions [B]."""
-        return self.rotary(position[:, None], dtype)
+    def decode_rotary(self, positions: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Rotary tables of decode rows at positions [B, L], for rows [B, H, L, D]: each table
+        broadcasts against them (the row on dim -2, the heads on dim -3)."""
+        return self.rotary(positions, dtype)
 
-    def _rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
-        """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables, one
-        table row per rotated row (positions may differ by head), with the prompt's `rotary_state`."""
+    def rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
+        """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables and
+        the prompt's `rotary_state`. Key positions are indices inside the cache, below the N rows
+        rotated: the tables are built once per sample and index and picked per row (the sines and
+        cosines cost per index, not per head and row)."""
+        def pick(table: Tensor, positions: Tensor) -> Tensor:  # [..., B, 1, N, X] -> [..., B, H, n, X]
+            shape = (*table.shape[:-4], *positions.shape, table.shape[-1])
+            index = positions[..., None].expand(shape)
+            return table.expand(*shape[:-2], table.shape[-2], shape[-1]).gather(-2, index)
+
         def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
-            b, heads, n, d = x.shape
-            state = None if rotary_state is None else rotary_state.repeat_interleave(heads * n, dim=0)
-            tables = self.decode_rotary(positions.reshape(-1), state, x.dtype)
-            rows = x.reshape(b * heads * n, 1, 1, d)
-            rotated = attn.rotate_query(rows, *tables) if query else attn.rotate_key(rows, *tables)
-            return rotated.reshape(b, heads, n, d)
+            b, heads, n, _ = x.shape
+            if query:  # one row per head: its tables, heads laid out as rows and moved back
+                tables = self.decode_rotary(positions.reshape(b, heads * n), rotary_state, x.dtype)
+                return attn.rotate_query(x, *tree_map(lambda t: t.unflatten(-2, (heads, n)).squeeze(-4), tables))
+            index = torch.arange(n, device=x.device).expand(b, n)
+            tables = tree_map(lambda t: pick(t, positions), self.decode_rotary(index, rotary_state, x.dtype))
+            return attn.rotate_key(x, *tables)
 
         return rotate
 
@@ -110,7 +136,8 @@ class CachedDecoder(nn.Module):
         policy.check_layers(len(self.layers))
         if feature_policy is not None and feature_policy.in_sequence:
             raise ValueError(f"feature_policy={feature_policy!r} selects the image features of the token sequence, "
-                             "which this model family does not support; allowed: LLaVA-1.5 (model_type 'llava')")
+                             "which this model family does not support; allowed: LLaVA-1.5 and LLaVA-NeXT "
+                             "(model_type 'llava', 'llava_next')")
         if feature_policy is not None and not any(isinstance(b, CrossAttentionBlock) for b in self.layers):
             raise ValueError(f"feature_policy={feature_policy!r} trims the image features of cross-attention layers, "
                              "but this model has none (its image tokens are in the sequence, e.g. LLaVA); use it with "
@@ -129,12 +156,14 @@ class CachedDecoder(nn.Module):
         next_position = layout.positions[:, -1] + 1
         rotary_state = self.rotary_state(layout)
         caches: list[LayerCache | CrossLayerCache | None] = []
+        waiting: list[tuple[int, partial[LayerCache], LayerScores]] = []  # (block, its cache's builder, its scores)
         a, b = self.prompt_rotary(layout, h.dtype)
         for i, block in enumerate(self.layers):
             if isinstance(block, CrossAttentionBlock):
                 layer_cache = None
                 if image is not None:
-                    h, image, layer_cache = block.prefill(h, layout, image, feature_policy)
+                    observe = None if self.observer is None else partial(self.observer.cross, i)
+                    h, image, layer_cache = block.prefill(h, layout, image, feature_policy, observe)
                     feature_policy = None  # features are selected once, at the first cross-attention block
                 caches.append(layer_cache)
                 continue
@@ -145,21 +174,35 @@ class CachedDecoder(nn.Module):
             scored = policy.needs_image_scores(i) or self.observer is not None
             image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            prompt_keep = policy.prompt_keep(i, len(self.layers), q, k, layout.valid, attn.scale)
             cached_k = raw_k if policy.shifts_positions() else k
-            self_cache = build_layer_cache(policy, layout, cached_k, v, n_image, image_scores, evict_scores,
-                                           new_tokens, prompt_keep)
+            build = partial(build_layer_cache, policy, layout, cached_k, v, n_image, image_scores, evict_scores,
+                            new_tokens)
             if self.observer is not None:
                 self.observer.prefill(i, layout, image_scores)
-                self_cache.observer = partial(self.observer.decode, i)
-            caches.append(self_cache)
+            shared = policy.layer_scores(i, q, k, layout, attn.scale)
+            if shared is None:
+                caches.append(self._observed(build(policy.prompt_keep(i, len(self.layers), q, k, layout.valid,
+                                                                      attn.scale)), i))
+            else:  # the layer's full K/V waits for every layer's scores (VL-Cache's shared budget)
+                waiting.append((len(caches), build, shared))
+                caches.append(None)
             h = block.finish(h, out)
             keep = policy.prune_keep(i)
             if keep is not None:
                 h, layout = self._drop_image_rows(h, layout, image_scores, (n_image.double() * keep).long())
                 a, b = self.prompt_rotary(layout, h.dtype)
+        if waiting:
+            keeps = policy.shared_keep([shared for _, _, shared in waiting])
+            for (index, build, _), keep in zip(waiting, keeps):
+                caches[index] = self._observed(build(keep), index)
         logits = self.lm_head(self.norm(h[:, -1]))
         return logits, ModalCache(caches, policy, next_position, full_rows, new_tokens, rotary_state)
+
+    def _observed(self, layer_cache: LayerCache, layer: int) -> LayerCache:
+        """`layer_cache` wired to the observer's decode callback for block `layer`, if an observer is set."""
+        if self.observer is not None:
+            layer_cache.observer = partial(self.observer.decode, layer)
+        return layer_cache
 
     @staticmethod
     def _image_scores(q: Tensor, k: Tensor, layout: PromptLayout, scale: float) -> Tensor:
@@ -197,7 +240,7 @@ class CachedDecoder(nn.Module):
         h = self.embed_tokens(token)[:, None]  # [B, 1, C]
         shifted = cache.policy.shifts_positions()
         if not shifted:
-            a, b = self.decode_rotary(cache.next_position, cache.rotary_state, h.dtype)
+            a, b = self.decode_rotary(cache.next_position[:, None], cache.rotary_state, h.dtype)
         for block, layer_cache, width in zip(self.layers, cache.layers, step.widths):
             if isinstance(block, CrossAttentionBlock):
                 if layer_cache is not None:
@@ -207,7 +250,7 @@ class CachedDecoder(nn.Module):
             q, k, v = attn.qkv(block.input_layernorm(h))
             if shifted:  # the cache rotates q, k and the rows it attends at their positions inside it
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width,
-                                       self._rotation(attn, cache.rotary_state))
+                                       self.rotation(attn, cache.rotary_state))
             else:
                 q, k = attn.rotate_query(q, a, b), attn.rotate_key(k, a, b)
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width)

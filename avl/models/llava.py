@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,12 +135,10 @@ class Llava(nn.Module):
             embeds = embeds.masked_scatter(image_mask[..., None], features)
         return embeds, image_mask
 
-    applies_visionzip: ClassVar[bool] = True  # whether `prefill` applies VisionZip (LLaVA-NeXT's does not)
-
     def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
         """Raise if the policies cannot run on this model; VisionZip is applied here, before the
         language model, so only the sequence policy goes on to it."""
-        if isinstance(feature_policy, VisionZip) and self.applies_visionzip:
+        if isinstance(feature_policy, VisionZip):
             tokens = self.config.vision.num_patches + 1
             if feature_policy.dominant + feature_policy.contextual > tokens:
                 raise ValueError(f"{feature_policy!r} keeps {feature_policy.dominant + feature_policy.contextual} "

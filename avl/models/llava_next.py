@@ -7,6 +7,10 @@ base tile's features, followed by the grid's features arranged as one map, with 
 columns) that only cover the padding around the image cut off and the learned `image_newline`
 vector appended at the end of each row. So the number of image tokens depends on the image's
 size, and samples of one batch may have different counts.
+
+With `feature_policy=VisionZip(...)` every tile (base and grid) keeps VisionZip's dominant +
+contextual tokens, packed in the order of the release's LLaVA-NeXT path
+(`avl.cache.visionzip.anyres_visionzip_tokens`), and the prompt is compacted to that count.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 from avl.cache.layout import PromptLayout
 from avl.cache.modal_cache import ModalCache
 from avl.cache.policies import FeaturePolicy, Policy
+from avl.cache.visionzip import VisionZip, anyres_visionzip_tokens
 from avl.models.config import require
 from avl.models.llava import LLAVA_KEY_MAP, Llava, LlavaConfig
 from avl.processing.anyres import (
@@ -165,11 +170,37 @@ def check_image_tokens(image_mask: Tensor, lengths: Sequence[int], sizes: Sequen
             )
 
 
+def reexpand_images(input_ids: Tensor, attention_mask: Tensor, image_token: int, lengths: Sequence[int],
+                    new_lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The prompt [B, L] (left-padded) with image i's `lengths[i]` consecutive image tokens (images in
+    order through the batch) replaced by `new_lengths[i]` of them: (input_ids, attention_mask [B, L']),
+    left-padded with id 0."""
+    rows, image = [], 0
+    for ids, valid in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+        tokens, row, i = [t for t, v in zip(ids, valid) if v], [], 0
+        while i < len(tokens):
+            if tokens[i] != image_token:
+                row.append(tokens[i])
+                i += 1
+                continue
+            if tokens[i:i + lengths[image]] != [image_token] * lengths[image]:
+                raise ValueError(f"image {image}'s {lengths[image]} image tokens are not consecutive in its sample's "
+                                 "prompt; allowed: each image's tokens in one run")
+            row += [image_token] * new_lengths[image]
+            i += lengths[image]
+            image += 1
+        rows.append(row)
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=attention_mask.dtype,
+                        device=attention_mask.device)
+    return ids, mask
+
+
 class LlavaNext(Llava):
     """LLaVA-NeXT (llava-hf layout). `prefill` takes `image_sizes` [N_images, 2] (height, width)."""
 
     key_map = LLAVA_NEXT_KEY_MAP
-    applies_visionzip = False  # anyres tiles: VisionZip is LLaVA-1.5's only
 
     def __init__(self, cfg: LlavaNextConfig) -> None:
         super().__init__(cfg)
@@ -201,19 +232,22 @@ class LlavaNext(Llava):
         grid = unpad_feature_map(grid_feature_map(grid, rows, cols, side), image_size)  # [h, w, C]
         return torch.cat([base, rows_with_newline(grid, self.image_newline)])  # [P + h * (w + 1), C]
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None,
-              image_sizes: Tensor | Sequence[Size] | None = None) -> tuple[Tensor, Tensor]:
-        """Token embeddings with each image's features at its image-token positions, and that mask [B, L]."""
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | Sequence[Size] | None = None,
+              visionzip: VisionZip | None = None) -> tuple[Tensor, Tensor]:
+        """Token embeddings with each image's features at its image-token positions, and that mask [B, L].
+        With `visionzip`, an image's features are its VisionZip tokens (a `visionzip_prompt`'s count)."""
         image_mask = input_ids == self.config.image_token_index  # [B, L]
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(image_mask, 0))
         if pixel_values is None and image_sizes is not None:
             raise ValueError("image_sizes was given without pixel_values; pass both, or neither for a text-only prompt")
         sizes = [] if pixel_values is None else self._image_sizes(pixel_values, image_sizes)
-        lengths = [self.num_image_tokens(size) for size in sizes]
+        lengths = [self.num_image_tokens(size) if visionzip is None else self.visionzip_tokens(size, visionzip)
+                   for size in sizes]
         self._check_image_tokens(image_mask, lengths, sizes)
         if sizes:
-            features = torch.cat(self.packed_image_features(pixel_values, sizes)).to(embeds.dtype)  # [sum n_i, C]
-            embeds = embeds.masked_scatter(image_mask[..., None], features)
+            packed = (self.packed_image_features(pixel_values, sizes) if visionzip is None
+                      else self.visionzip_features(pixel_values, sizes, visionzip))
+            embeds = embeds.masked_scatter(image_mask[..., None], torch.cat(packed).to(embeds.dtype))  # [sum n_i, C]
         return embeds, image_mask
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, policy: Policy,
@@ -224,10 +258,46 @@ class LlavaNext(Llava):
         pixel_values [N_images, T, 3, S, S] and image_sizes [N_images, 2] (height, width) as
         `LlavaNextImageProcessor` returns them, images in the order of their tokens in the batch.
         """
+        visionzip = feature_policy if isinstance(feature_policy, VisionZip) else None
+        if visionzip is not None:
+            feature_policy = None  # applied here, before the language model
+            if pixel_values is not None:
+                input_ids, attention_mask = self.visionzip_prompt(input_ids, attention_mask, pixel_values, image_sizes,
+                                                                  visionzip)
         self._check_sliding_window(attention_mask, new_tokens + 1)  # tokens generated: the decode steps + 1
-        embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes)
+        embeds, image_mask = self.embed(input_ids, pixel_values, image_sizes, visionzip)
         layout = PromptLayout.from_prompt(image_mask, attention_mask)
         return self.language_model.prefill(embeds, layout, policy, new_tokens, feature_policy=feature_policy)
+
+    def visionzip_features(self, pixel_values: Tensor, image_sizes: Sequence[Size],
+                           visionzip: VisionZip) -> list[Tensor]:
+        """Each image's VisionZip tokens [n_tiles * (dominant + contextual), C_text]: every tile's
+        selection (CLIP layer `visionzip.layer`), projected, packed as the release packs them."""
+        counts = [self.num_tiles(size) for size in image_sizes]
+        tiles = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts)])  # [sum n_i, 3, S, S]
+        hidden, attention = self.vision_tower(tiles, visionzip.layer, cls_attention=True)
+        selection = visionzip.select(hidden, attention)
+        features = self.multi_modal_projector(selection.features)  # [sum n_i, D + C, C_text]
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        grids = [grid_shape(size, self.config.image_grid_pinpoints, self.config.vision.image_size)
+                 for size in image_sizes]
+        return [anyres_visionzip_tokens(f, d, rows, cols, side) for f, d, (rows, cols) in
+                zip(features.split(counts), selection.dominant.split(counts), grids)]
+
+    def visionzip_prompt(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
+                         image_sizes: Tensor | Sequence[Size] | None, visionzip: VisionZip) -> tuple[Tensor, Tensor]:
+        """The prompt with each image's placeholder rows (its full anyres count, as the processor
+        expands them) replaced by one row per VisionZip token, `n_tiles * (dominant + contextual)`:
+        (input_ids, attention_mask [B, L']), left-padded, positions then contiguous as in the release."""
+        sizes = self._image_sizes(pixel_values, image_sizes)
+        lengths = [self.num_image_tokens(size) for size in sizes]
+        self._check_image_tokens(input_ids == self.config.image_token_index, lengths, sizes)
+        return reexpand_images(input_ids, attention_mask, self.config.image_token_index, lengths,
+                               [self.visionzip_tokens(size, visionzip) for size in sizes])
+
+    def visionzip_tokens(self, image_size: Size, visionzip: VisionZip) -> int:
+        """Image tokens of an image of (height, width) `image_size` under VisionZip: dominant + contextual per tile."""
+        return self.num_tiles(image_size) * (visionzip.dominant + visionzip.contextual)
 
     def _image_sizes(self, pixel_values: Tensor, image_sizes: Tensor | Sequence[Size] | None) -> list[Size]:
         """Check pixel_values against image_sizes; the sizes as (height, width) ints."""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from avl.cache.layout import PromptLayout
 from avl.cache.modal_cache import DecodeStep, ModalCache
 from avl.cache.policies import FeaturePolicy, Policy
+from avl.cache.visionzip import VisionZip
 from avl.models.config import require
 from avl.models.layers import prefill_attention
 from avl.models.llama import LlamaConfig, LlamaModel
@@ -152,6 +153,15 @@ class LlavaOnevision(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.language_model.embed_tokens.weight.dtype
+
+    def check_policy(self, policy: Policy, feature_policy: FeaturePolicy | None) -> None:
+        """Raise if the policies cannot run on this model; VisionZip cannot (SigLIP has no [CLS] token)."""
+        if isinstance(feature_policy, VisionZip):
+            raise ValueError(f"feature_policy={feature_policy!r} cannot run on LLaVA-OneVision: VisionZip ranks an "
+                             "image's patches by the attention of the vision tower's [CLS] token, and SigLIP has none "
+                             "(the release, dvlab-research/VisionZip, has a CLIP rule only); allowed: LLaVA-1.5 and "
+                             "LLaVA-NeXT (CLIP towers)")
+        self.language_model.check_policy(policy, feature_policy)
 
     @property
     def max_positions(self) -> int:

@@ -22,7 +22,7 @@ Decode tokens use the last prompt row's mask, as transformers' `generate` does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from avl.cache.modal_cache import CrossLayerCache, DecodeStep, ModalCache
 from avl.cache.policies import FeaturePolicy, Policy
 from avl.cache.trim import Trim, select_features
 from avl.models.config import config_fields, require
-from avl.models.decoder import CachedDecoder, CrossAttentionBlock
+from avl.models.decoder import CachedDecoder, CrossAttentionBlock, CrossObserver
 from avl.models.layers import GatedMLP, RMSNorm, compute_dtype
 from avl.models.llama import DecoderLayer, LlamaConfig
 from avl.models.mllama_vision import MllamaVisionConfig, MllamaVisionModel
@@ -211,31 +211,37 @@ class CrossAttentionLayer(CrossAttentionBlock):
         mlp = self.mlp(self.post_attention_layernorm(h)) * row_on[..., None].to(h.dtype)
         return h + self.cross_attn_mlp_gate.tanh() * mlp
 
-    def prefill(self, h: Tensor, layout: PromptLayout, image: ImageContext, feature_policy: FeaturePolicy | None
-                ) -> tuple[Tensor, ImageContext, CrossCache]:
+    def prefill(self, h: Tensor, layout: PromptLayout, image: ImageContext, feature_policy: FeaturePolicy | None,
+                observe: CrossObserver | None = None) -> tuple[Tensor, ImageContext, CrossCache]:
         """The prompt over the image context. With a trimming `feature_policy` (the loop passes it to the
         first cross-attention layer only), score the features from this layer's probabilities and return
         the trimmed context for all later layers; this layer's own prompt output still uses every
-        feature, its cache only the kept ones."""
+        feature, its cache only the kept ones. `observe` gets the last prompt row's probabilities over
+        the context's slots, and the cache keeps it for the decode steps."""
         attn = self.cross_attn
         q = attn.query(self.input_layernorm(h))  # [B, Hq, L, D]
         k, v = attn.keys_values(image.features)  # [B, Hkv, N, D]
         allowed, row_on = image.allowed, image.row_on
         h = self.finish(h, cross_attention(q, k, v, allowed, attn.scale), row_on)
+        if observe is not None:
+            observe(allowed[:, -1], cross_attention_probs(q[:, :, -1:], k, allowed[:, -1:], attn.scale)[:, :, 0])
         if not isinstance(feature_policy, Trim) or not feature_policy.trims:
-            return h, image, image.cache(k, v)
+            return h, image, image.cache(k, v, observe)
         voters = scoring_rows(image, layout)  # [B, L]
         probs = cross_attention_probs(q, k, allowed, attn.scale) * voters[:, None, :, None]  # [B, Hq, L, N]
         kept = select_features(probs, image.present & image.held, feature_policy.keep, feature_policy.criterion)
         index = packed_index(kept, min_width=1)  # [B, K]
         trimmed = image.select(index)
         safe = index.clamp(min=0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        return h, trimmed, trimmed.cache(k.gather(2, safe), v.gather(2, safe))
+        return h, trimmed, trimmed.cache(k.gather(2, safe), v.gather(2, safe), observe)
 
     def decode(self, h: Tensor, cache: CrossCache) -> Tensor:
         """h [B, 1, C] over the layer's cached image K/V (static shapes, no data-dependent control flow)."""
         q = self.cross_attn.query(self.input_layernorm(h))  # [B, Hq, 1, D]
         out = cross_attention(q, cache.k, cache.v, cache.decode_allowed[:, None], self.cross_attn.scale)
+        if cache.observer is not None:
+            probs = cross_attention_probs(q, cache.k, cache.decode_allowed[:, None], self.cross_attn.scale)
+            cache.observer(cache.decode_allowed, probs[:, :, 0])
         return self.finish(h, out, cache.decode_row_on[:, None])
 
 
@@ -277,6 +283,8 @@ class CrossCache(CrossLayerCache):
     rows: Tensor  # [B, N'] original feature row of each slot, -1 = empty
     decode_allowed: Tensor  # [B, N'] slots a decode token attends
     decode_row_on: Tensor  # [B] the decode token attends some image (else its MLP branch is zeroed)
+    # when set, called with (decode_allowed, probs [B, Hq, N']) after each step's attention: eager runs only
+    observer: CrossObserver | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -317,10 +325,10 @@ class ImageContext:
             full_rows=self.full_rows,
         )
 
-    def cache(self, k: Tensor, v: Tensor) -> CrossCache:
+    def cache(self, k: Tensor, v: Tensor, observer: CrossObserver | None = None) -> CrossCache:
         """The layer's cache of K/V [B, Hkv, N, D] over these slots; decode uses the last prompt row's mask."""
         return CrossCache(k=k, v=v, valid=self.present & self.held, full_rows=self.full_rows, rows=self.rows,
-                          decode_allowed=self.allowed[:, -1], decode_row_on=self.row_on[:, -1])
+                          decode_allowed=self.allowed[:, -1], decode_row_on=self.row_on[:, -1], observer=observer)
 
 
 def scoring_rows(image: ImageContext, layout: PromptLayout) -> Tensor:

@@ -229,9 +229,9 @@ class QwenLM(CachedDecoder):
         caches it at the prefill too): `ModalCache.rotary_state`."""
         return self.ntk_alpha(self.prompt_rows(layout.positions))
 
-    def decode_rotary(self, position: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Decode-step tables at positions [B], with the alpha cached at the prefill."""
-        return self.rotary_tables(position[:, None], rotary_state, dtype)
+    def decode_rotary(self, positions: Tensor, rotary_state: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Decode tables at positions [B, L], with the alpha cached at the prefill."""
+        return self.rotary_tables(positions, rotary_state, dtype)
 
     def forward(self, h: Tensor, layout: PromptLayout) -> tuple[list[Tensor], Tensor]:
         """Dense forward without a cache: hidden states [L+1 entries of B, L, C] (input of each block,

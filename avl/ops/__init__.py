@@ -28,5 +28,6 @@ degrades more than dense SDPA (many more, smaller ops).
 """
 
 from avl.ops.gathered_attention import gathered_attention, gathered_attention_op
+from avl.ops.swap_rows import swap_rows_
 
-__all__ = ["gathered_attention", "gathered_attention_op"]
+__all__ = ["gathered_attention", "gathered_attention_op", "swap_rows_"]

@@ -2,7 +2,7 @@
 Qwen-VL, Qwen2-VL / Qwen2.5-VL, Llama-3.2-Vision)."""
 
 from avl.processing.anyres import LlavaNextImageProcessor
-from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, llava15_prompt
+from avl.processing.chat import LLAVA15_SYSTEM_PROMPT, ChatProcessor, llava15_prompt
 from avl.processing.chat_template import read_chat_template, render_chat_template
 from avl.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageProcessor, load_image, to_8bit, to_rgb
 from avl.processing.llava import LlavaProcessor
@@ -17,14 +17,14 @@ from avl.processing.qwen_vl import (
     qwen_chat_prompt,
     qwen_vl_query,
 )
-from avl.processing.tiny_qwen2_tokenizer import build_tiny_qwen2_tokenizer
-from avl.processing.tiny_tokenizer import build_tiny_llama_tokenizer
+from avl.processing.streaming import TextStreamer
 from avl.processing.tokenizer import Tokenizer
 
 __all__ = [
     "LLAVA15_SYSTEM_PROMPT",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "ChatProcessor",
     "ClipImageProcessor",
     "LlavaNextImageProcessor",
     "LlavaNextProcessor",
@@ -38,9 +38,8 @@ __all__ = [
     "QwenTokenizer",
     "QwenVLImageProcessor",
     "QwenVLProcessor",
+    "TextStreamer",
     "Tokenizer",
-    "build_tiny_llama_tokenizer",
-    "build_tiny_qwen2_tokenizer",
     "llava15_prompt",
     "llava_next_prompt",
     "load_image",

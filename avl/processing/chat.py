@@ -1,4 +1,4 @@
-"""LLaVA-1.5 prompt format.
+"""LLaVA-1.5 prompt format, and `ChatProcessor`: a family's processor with its single-turn chat format.
 
 Source: the chat template shipped with the llava-hf checkpoints (`chat_template.json` of
 llava-hf/llava-1.5-7b-hf, also the prompt in transformers' `LlavaForConditionalGeneration`
@@ -13,6 +13,14 @@ The original LLaVA-1.5 code (`conv_vicuna_v1`, "llava_v1" mode) puts the system 
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from avl.processing.image import ImageLike
 
 IMAGE_TOKEN = "<image>"
 
@@ -35,3 +43,32 @@ def llava15_prompt(question: str, n_images: int = 1, *, system: str | None = Non
     prefix = f"{system} " if system else ""
     text = f"{question} " if question else ""  # the template adds no text part for an empty question
     return f"{prefix}USER: {(IMAGE_TOKEN + chr(10)) * n_images}{text}ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class ChatProcessor:
+    """A family's processor with its chat format: one question per sample, with one or more images.
+
+    `prompt(question, n_images)` is the family's single-turn prompt with `n_images` image slots before
+    the question; `stop_token_ids` end a generated answer. `__call__` returns the model inputs by
+    transformers' names (`input_ids`, `attention_mask`, `pixel_values`, and e.g. `image_sizes` for
+    LLaVA-NeXT), ready for `avl.generate(model, **inputs)`. `avl.families` builds one per checkpoint
+    (`avl.processing.auto.load_chat_processor`).
+    """
+
+    processor: Any
+    prompt: Callable[[str, int], str]
+    stop_token_ids: tuple[int, ...]
+
+    def __call__(self, questions: Sequence[str],
+                 images: Sequence[ImageLike | Sequence[ImageLike]]) -> dict[str, torch.Tensor]:
+        """`images[i]` is question i's image, or a list of its images (in the order they are shown)."""
+        groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        if len(groups) != len(questions):
+            raise ValueError(f"got {len(questions)} question(s) but {len(groups)} image entries; allowed: one "
+                             "image, or one list of images, per question")
+        return self.processor([self.prompt(q, len(g)) for q, g in zip(questions, groups)], groups)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """The text of generated ids, special tokens dropped."""
+        return self.processor.decode(ids, skip_special_tokens=True)

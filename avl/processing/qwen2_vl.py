@@ -218,11 +218,15 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], a
 QWEN2_VL_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def qwen2_vl_prompt(question: str, system: str = QWEN2_VL_SYSTEM_PROMPT) -> str:
-    """One user turn, the image before the question, as the chat template of Qwen2-VL-*-Instruct and
-    Qwen2.5-VL-*-Instruct renders `[system, user: [image, text]]` with the generation prompt."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{VISION_START}{IMAGE_PAD}"
-            f"{VISION_END}{question}<|im_end|>\n<|im_start|>assistant\n")
+def qwen2_vl_prompt(question: str, system: str = QWEN2_VL_SYSTEM_PROMPT, n_images: int = 1) -> str:
+    """One user turn, the images before the question, as the chat template of Qwen2-VL-*-Instruct and
+    Qwen2.5-VL-*-Instruct renders `[system, user: [image] * n_images + [text]]` with the generation prompt
+    (one `<|vision_start|><|image_pad|><|vision_end|>` block per image, nothing between them)."""
+    if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 0:
+        raise ValueError(f"n_images={n_images!r} is invalid; allowed: an int >= 0")
+    images = f"{VISION_START}{IMAGE_PAD}{VISION_END}" * n_images
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{images}{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
 
 
 class Qwen2VLProcessor:

@@ -1,5 +1,5 @@
-"""`avl analyze`: one image on each family with image rows in the sequence, an eval task's samples
-averaged, the figures, and one-line errors."""
+"""`avl analyze`: one image on each family with image rows in the sequence and on Llama-3.2-Vision
+(cross-attention layers), an eval task's samples averaged, the figures, and one-line errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,18 @@ from PIL import Image
 
 from avl.analysis.figures import FIGURES
 from avl.cli import main
-from avl.eval.tiny import write_tiny_jsonl, write_tiny_parquet
-from avl.tiny import build_tiny_llava
-from tiny_llava import build_tiny_mllama_checkpoint, build_tiny_next_checkpoint, build_tiny_qwen_checkpoint
+from avl.testing.eval_data import write_tiny_jsonl, write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
+from tiny_llava import (
+    build_tiny_mllama_checkpoint,
+    build_tiny_next_checkpoint,
+    build_tiny_onevision_checkpoint,
+    build_tiny_qwen_checkpoint,
+)
+from tiny_qwen2_vl import build_checkpoint as build_qwen2_vl_checkpoint
 
-KEYS = {"tokens", "modal_shares", "concentration", "ppci_layers", "ppci_steps", "n_image", "top", "mass", "samples"}
+KEYS = {"tokens", "modal_shares", "concentration", "ppci_layers", "ppci_steps", "n_image", "top", "mass", "samples",
+        "attention", "decoder_layers"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +47,7 @@ def image(tmp_path_factory):
 
 def check_report(data: dict, steps: int, layers: int) -> None:
     assert KEYS <= data.keys()
+    assert data["attention"] == "self" and data["decoder_layers"] == list(range(layers))
     assert len(data["modal_shares"]) == len(data["concentration"]) == steps
     assert len(data["ppci_layers"]) == len(data["ppci_steps"]) == layers
     assert all(len(row) == layers for row in data["concentration"])
@@ -52,8 +60,8 @@ def check_report(data: dict, steps: int, layers: int) -> None:
     assert all(0.0 < c <= 1.0 for row in data["concentration"] for c in row)
 
 
-def check_figures(out) -> None:
-    for name in FIGURES:
+def check_figures(out, names=FIGURES) -> None:
+    for name in names:
         path = out / name
         assert path.stat().st_size > 5000, name
         with Image.open(path) as figure:
@@ -75,9 +83,16 @@ def test_one_image_writes_the_report_and_the_figures(llava, image, tmp_path, cap
     check_figures(out)
 
 
+def build_qwen2_vl(directory):
+    build_qwen2_vl_checkpoint(directory, "qwen2_vl")
+    return directory
+
+
 @pytest.mark.parametrize("build,dtype,layers", [(build_tiny_next_checkpoint, "float32", 2),
-                                                (build_tiny_qwen_checkpoint, "float64", None)],
-                         ids=["llava_next", "qwen_vl"])
+                                                (build_tiny_qwen_checkpoint, "float64", None),
+                                                (build_qwen2_vl, "float64", 2),
+                                                (build_tiny_onevision_checkpoint, "float32", 3)],
+                         ids=["llava_next", "qwen_vl", "qwen2_vl", "llava_onevision"])
 def test_other_families(build, dtype, layers, image, tmp_path):
     directory = build(tmp_path / "model")
     out = tmp_path / "out"
@@ -128,9 +143,23 @@ def test_the_sweep_mean_is_the_mean_of_the_samples(llava, tmp_path):
     assert max(abs(s["image"] - e) for s, e in zip(both["modal_shares"], image_share)) <= 1e-12
 
 
-@pytest.fixture(scope="module")
-def mllama(tmp_path_factory):
-    return build_tiny_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "model")
+def test_llama_3_2_vision_writes_the_cross_attention_report(image, tmp_path):
+    """Concentration and PPCI over the 2 cross-attention layers (decoder layers 1 and 3) and the image's
+    feature rows; no modal shares, so no shares.png."""
+    directory = build_tiny_mllama_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    main(["analyze", "--model", str(directory), "--image", str(image), "--prompt", "Color?", "--max-new-tokens", "4",
+          "--out", str(out)])
+    data = json.loads((out / "analysis.json").read_text())
+    assert KEYS <= data.keys()
+    assert (data["attention"], data["decoder_layers"], data["modal_shares"]) == ("cross", [1, 3], None)
+    assert len(data["concentration"]) == 4 and all(len(row) == 2 for row in data["concentration"])
+    assert len(data["ppci_steps"]) == 2 and all(len(row) == 4 for row in data["ppci_steps"])
+    assert data["ppci_layers"][0] == 1.0 and all(row[0] == 1.0 for row in data["ppci_steps"])
+    assert all(0.0 < c <= 1.0 for row in data["concentration"] for c in row)
+    assert data["n_image"] > 0 and data["n_image"] % 5 == 0  # whole tiles of 4 patches + the class token
+    check_figures(out, FIGURES[1:])
+    assert not (out / FIGURES[0]).exists()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -145,17 +174,15 @@ def mllama(tmp_path_factory):
     (["--image", "IMG", "--prompt", "p", "--top", "0"], "argument --top: 0 is invalid"),
     (["--image", "IMG", "--prompt", "p", "--mass", "x"], "argument --mass: 'x' is not a number"),
     (["--image", "IMG", "--prompt", "p", "--out", "FILE"], "is a file"),
-    (["--image", "IMG", "--prompt", "p", "--model", "MLLAMA"], "cross-attends its image features"),
 ], ids=["no-prompt", "no-image", "task-alone", "image-in-sweep", "no-task", "no-data", "bad-task", "missing-image",
-        "top", "mass", "out-file", "mllama"])
-def test_errors_are_one_line_with_exit_status_2(argv, message, llava, image, mllama, tmp_path, capsys):
+        "top", "mass", "out-file"])
+def test_errors_are_one_line_with_exit_status_2(argv, message, llava, image, tmp_path, capsys):
     (tmp_path / "FILE").write_text("x")
-    swap = {"IMG": str(image), "FILE": str(tmp_path / "FILE"), "MLLAMA": str(mllama)}
+    swap = {"IMG": str(image), "FILE": str(tmp_path / "FILE")}
     argv = [swap.get(a, a) for a in argv]
-    model = [] if "--model" in argv else ["--model", str(llava)]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
-        main(["analyze", *model, *out, *argv, "--max-new-tokens", "2"])
+        main(["analyze", "--model", str(llava), *out, *argv, "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("avl analyze: error: ") and message in err and len(err.strip().splitlines()) == 1

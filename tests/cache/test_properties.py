@@ -37,6 +37,11 @@ def prompts(draw):
 ratios = st.sampled_from([None, 0.25, 0.5, 0.9, 1.0])
 
 
+def rows_of(x, slots):
+    """The rows [H, D] of x [H, N, D] at `slots`, as a sorted list of tuples (a set of rows, any order)."""
+    return sorted(tuple(x[:, slot].flatten().tolist()) for slot in slots)
+
+
 @st.composite
 def policies(draw):
     kind = draw(st.sampled_from(["full", "avl", "h2o", "streaming"]))
@@ -73,6 +78,12 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             # system rows are never evicted, and they are exactly the rows before the image
             assert torch.equal(k[s, :, tokens], cache.k[s, :, system_slots])
         assert set(cache.core[s][cache.core[s] >= 0].tolist()) <= set(cache.vision[s][cache.vision[s] >= 0].tolist())
+        image_rows = torch.nonzero(layout.modality[s] == Modality.IMAGE).flatten().tolist()
+        if not isinstance(policy, (avl.H2O, avl.StreamingLLM)):  # the core: the top image rows by the score, first
+            top = sorted(image_rows, key=lambda r: (-float(image_scores[s, r]), r))[:int(cache.core_count[s])]
+            core_slots = cache.core[s][cache.core[s] >= 0].tolist()
+            assert rows_of(cache.k[s], core_slots) == rows_of(k[s], top)
+            assert core_slots == cache.vision[s][:len(core_slots)].tolist()
         counts = policy.image_counts(n_image)
         kept = int((cache.vision[s] >= 0).sum())
         if counts is None:
@@ -137,7 +148,24 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             assert calls == []
         assert int(cache.used) == int((idx >= 0).sum())  # the rows attended, counted over heads
         assert torch.equal(cache.live, ref.live)
-        assert torch.equal(cache.k, ref.k) and torch.isfinite(out).all()
+        assert torch.isfinite(out).all()
+        n_system, n_vision = cache.system.shape[1], cache.vision.shape[1]
+        vision = slice(n_system, n_system + n_vision)
+        for x, x_ref in ((cache.k, ref.k), (cache.v, ref.v)):
+            assert torch.equal(x[:, :, :n_system], x_ref[:, :, :n_system])
+            assert torch.equal(x[:, :, vision.stop:], x_ref[:, :, vision.stop:])
+        if not planned.refresh:
+            assert torch.equal(cache.k[:, :, vision], ref.k[:, :, vision])
+        for s in range(b):  # a refresh re-ranks the core by this step's head-mean image probabilities
+            held = [j for j in range(n_vision) if int(ref.vision[s, j]) >= 0]
+            image_probs = ref_probs[s, :, n_system:n_system + n_vision].mean(0).tolist()
+            ranked = sorted(held, key=lambda j: (-image_probs[j], j)) if planned.refresh else held
+            expected = ranked[:int(cache.core_count[s])]
+            core_slots = cache.core[s][cache.core[s] >= 0].tolist()
+            assert core_slots == [int(cache.vision[s, j]) for j in range(len(expected))]  # the first vision slots
+            assert rows_of(cache.k[s], core_slots) == rows_of(ref.k[s], [int(ref.vision[s, j]) for j in expected])
+            assert rows_of(cache.k[s], cache.vision[s][cache.vision[s] >= 0].tolist()) == \
+                rows_of(ref.k[s], ref.vision[s][ref.vision[s] >= 0].tolist())  # the secondary rows, moved not changed
         available = live + 1
         assert set(cache.core[0][cache.core[0] >= 0].tolist()) <= set(cache.vision[0][cache.vision[0] >= 0].tolist())
 

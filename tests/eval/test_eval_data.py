@@ -12,9 +12,9 @@ from PIL import Image
 
 from avl.eval import DataError, RunMismatchError, SampleError, get_task, open_dataset
 from avl.eval.results import ResultsStore
-from avl.eval.tiny import HUB_LAYOUTS, tiny_rows, write_tiny_jsonl, write_tiny_parquet
+from avl.testing.eval_data import HUB_LAYOUTS, tiny_rows, write_tiny_jsonl, write_tiny_parquet
 
-# The hub's column names (dataset_info of each dataset card), written out independently of avl.eval.tiny.
+# The hub's column names (dataset_info of each dataset card), written out independently of avl.testing.eval_data.
 HUB_COLUMNS = {
     "docvqa_val": ["questionId", "question", "question_types", "image", "docId", "ucsf_document_id",
                    "ucsf_document_page_no", "answers", "data_split"],

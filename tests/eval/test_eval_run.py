@@ -16,10 +16,10 @@ import torch
 from avl.cache.policies import AVL, Full
 from avl.eval import EvalConfig, RunMismatchError, SampleError, evaluate, load_for_eval, run_sweep
 from avl.eval.cli import add_eval_parser, main
-from avl.eval.tiny import tiny_rows, write_tiny_jsonl, write_tiny_parquet
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import tiny_rows, write_tiny_jsonl, write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
 
-TIMING = ("wall_time_s", "generation_s", "out")
+TIMING = ("wall_time_s", "generation_s", "out", "efficiency")  # measured, so not the same twice
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +52,7 @@ def without_timing(summary: dict) -> dict:
 def records(out) -> list[dict]:
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["avl_eval_run"] == 1
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines[1:]]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "efficiency")} for line in lines[1:]]
 
 
 @pytest.mark.parametrize("task,metric", [("docvqa_val", "nls_hit_rate"), ("textvqa_val", "accuracy"),

@@ -95,7 +95,7 @@ def test_output_postprocessing_per_family():
     assert until == ("ASSISTANT:",)
     assert get_family("llava").postprocess(" Stop ASSISTANT: x", until) == " Stop ASSISTANT: x"  # llava wrapper: as is
     assert get_family("qwen").postprocess(" Stop ASSISTANT: x", until) == "Stop "
-    with pytest.raises(ValueError, match="no evaluation prompts for model_type 'blip-2'"):
+    with pytest.raises(ValueError, match="model_type='blip-2', which avl does not support .*evaluation prompts"):
         get_family("blip-2")
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from avl.eval.cli import main
-from avl.eval.tiny import write_tiny_parquet
-from avl.tiny import build_tiny_llava
+from avl.testing.eval_data import write_tiny_parquet
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = ("wall_time_s", "generation_s", "out")
+TIMING = ("wall_time_s", "generation_s", "out", "efficiency")  # measured, so not the same twice
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -32,7 +32,8 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 def outputs(out: Path) -> tuple[list[dict], dict]:
     lines = (out / "samples.jsonl").read_text().splitlines()
-    records = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines[1:]]
+    records = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "efficiency")}
+               for line in lines[1:]]
     summary = json.loads((out / "summary.json").read_text())
     return records, {k: v for k, v in summary.items() if k not in TIMING}
 
@@ -59,4 +60,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert [r["index"] for r in parallel_records] == [0, 1, 2, 3, 4]
     assert parallel_records == single_records
     assert parallel_summary == single_summary
+    parallel_eff, single_eff = (json.loads((tmp_path / name / "summary.json").read_text())["efficiency"]
+                                for name in ("parallel", "single"))
+    assert parallel_eff["timed_samples"] == single_eff["timed_samples"] == 5  # every rank's records carry theirs
+    assert parallel_eff["kv_stored_bytes"] == single_eff["kv_stored_bytes"] and parallel_eff["ttft_s"] > 0
     assert not list((tmp_path / "parallel").glob("samples.rank*.jsonl"))  # merged into samples.jsonl

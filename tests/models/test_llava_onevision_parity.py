@@ -415,8 +415,9 @@ def test_processor_outputs_give_transformers_logits(tmp_path):
     """End to end: a checkpoint directory (transformers' weights, a tiny Qwen2 tokenizer, hub-style processing
     configs) -> LlavaOnevisionProcessor.from_dir -> `model(**inputs)`, against transformers' model on the same
     inputs; a one-image prompt and a two-image prompt (batch_num_images [1, 2]), left-padded."""
-    from avl.processing import LlavaOnevisionProcessor, build_tiny_qwen2_tokenizer
+    from avl.processing import LlavaOnevisionProcessor
     from avl.processing.tokenizer import Tokenizer
+    from avl.testing.qwen2_tokenizer import build_tiny_qwen2_tokenizer
 
     tokenizer = Tokenizer.from_dir(build_tiny_qwen2_tokenizer(tmp_path))
     hf = save_hf_onevision(tmp_path, "tied", vocab_size=512, image_token=tokenizer.token_to_id("<image>"),

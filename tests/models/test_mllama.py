@@ -60,7 +60,7 @@ def save_hf_mllama(directory: Path, seed: int = 0, **text):
 
 def load(directory: Path, dtype: torch.dtype | None = None) -> Mllama:
     """`avl.load` once model_type "mllama" is registered; until then the same steps by hand."""
-    from avl.loading import FAMILIES
+    from avl.families import FAMILIES
 
     if "mllama" in FAMILIES:
         return avl.load(directory, dtype=dtype)
@@ -325,7 +325,7 @@ def test_streaming_llm_that_evicts_nothing_equals_the_full_cache(model, position
 def test_generate_forwards_the_image_inputs_and_load_dispatches_on_model_type(hf_mllama, model):
     import inspect
 
-    from avl.loading import FAMILIES
+    from avl.families import FAMILIES
 
     if "mllama" not in FAMILIES or not any(p.kind is p.VAR_KEYWORD
                                            for p in inspect.signature(avl.generate).parameters.values()):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import avl
+from avl.cache.kv_policies import AdaKV, KNorm, ObservedAttention, PyramidKV, RandomEviction, SnapKV
 from avl.cache.layout import Modality, PromptLayout
 from tiny_qwen2_vl import IMAGE_ID, VIDEO_ID, build_hf, image_prompt, left_pad, random_pixels
 
@@ -42,6 +43,15 @@ POLICIES = [
     avl.FastV(layer=1, keep=0.5),
     avl.H2O(budget=0.5),
     avl.StreamingLLM(sinks=2, window=8, positions="original"),  # "shifted" is refused: no M-RoPE rule
+    # the kvpress-pinned policies, VL-Cache and PyramidDrop (windows shorter than the shortest prompt)
+    SnapKV(0.5, window_size=4, kernel_size=3),
+    PyramidKV(0.5, window_size=4, kernel_size=3, beta=2),
+    AdaKV(SnapKV(0.5, window_size=4, kernel_size=3), alpha_safeguard=0.2),
+    KNorm(0.6),
+    ObservedAttention(0.5),
+    RandomEviction(0.5, seed=1),
+    avl.VLCache(0.5),
+    avl.PyramidDrop(layers=(1, 2), keep=0.5),
 ]
 
 

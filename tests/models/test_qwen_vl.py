@@ -112,10 +112,10 @@ def test_resampler_position_table_is_the_2d_sincos_table(folder):
 
 @pytest.mark.parametrize("folder", fixture_folders(), ids=lambda p: p.name)
 def test_avl_load_reads_the_hub_layout(folder):
-    from avl.loading import FAMILIES
+    from avl.families import FAMILIES
 
     if "qwen" not in FAMILIES:
-        pytest.skip("model_type 'qwen' is not registered in avl.loading.FAMILIES yet")
+        pytest.skip("model_type 'qwen' is not registered in avl.families.FAMILIES yet")
     model = avl.load(folder, dtype=torch.float64)
     assert isinstance(model, QwenVL)
     reference = load_qwen(folder)

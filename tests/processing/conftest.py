@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from avl.processing import build_tiny_llama_tokenizer
+from avl.testing.llama_tokenizer import build_tiny_llama_tokenizer
 
 
 @pytest.fixture(scope="session")

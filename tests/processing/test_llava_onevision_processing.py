@@ -20,8 +20,8 @@ from avl.processing.llava_onevision import (
     onevision_num_image_tokens,
     onevision_prompt,
 )
-from avl.processing.tiny_qwen2_tokenizer import build_tiny_qwen2_tokenizer
 from avl.processing.tokenizer import Tokenizer
+from avl.testing.qwen2_tokenizer import build_tiny_qwen2_tokenizer
 
 TILE = 26
 TINY_PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 5) for c in range(1, 5)]

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avl.processing import Tokenizer, build_tiny_llama_tokenizer
+from avl.processing import Tokenizer
+from avl.testing.llama_tokenizer import build_tiny_llama_tokenizer
 
 STRINGS = [
     "USER: <image>\nWhat is shown in this image? ASSISTANT:",

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from avl.models.llava import Llava, LlavaConfig
-from avl.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_tiny_llama_tokenizer
+from avl.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from avl.testing.llama_tokenizer import build_tiny_llama_tokenizer
 from avl.weights import save_sharded
 
 VOCAB_SIZE = 512

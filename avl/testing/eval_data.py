@@ -1,6 +1,6 @@
 """Tiny datasets in the hub layouts of the six tasks, written locally (no download).
 
-For smoke runs and tests of ``avl eval``, like :mod:`avl.tiny` for checkpoints: parquet shards with
+For smoke runs and tests of ``avl eval``, like :mod:`avl.testing.llava_checkpoint` for checkpoints: parquet shards with
 the hub datasets' own column names and types (from their ``dataset_info``: lmms-lab/DocVQA config
 ``DocVQA``, lmms-lab/textvqa, echo840/OCRBench, lmms-lab/NoCaps, lmms-lab/flickr30k, lmms-lab/VQAv2),
 images as ``{bytes, path}`` structs, split over two shards; or the jsonl + image-folder format.
