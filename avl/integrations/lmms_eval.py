@@ -14,7 +14,7 @@ with the values `avl.cache.registry.parse_value` reads (a tuple's items separate
 What each request becomes, as ``avl eval`` runs the same sample (``avl.eval.runner``):
 
 * prompt: the task's text (lmms-eval's ``doc_to_text``) in the family's template of
-  ``avl.eval.families`` (taken from lmms-eval's own wrappers), with as many image placeholders as
+  ``avl.families`` (taken from lmms-eval's own wrappers), with as many image placeholders as
   ``doc_to_visual`` gives images, placed as the wrapper places several (``MULTI_IMAGE``);
 * ``generate_until``: ``avl.generate`` under the policy; greedy unless ``temperature > 0`` (then
   sampling with ``top_p``, seeded by ``seed``), ``max_new_tokens`` from the task (else ``ModelArgs``);
@@ -52,7 +52,7 @@ from PIL import Image
 
 from avl.cache.policies import FeaturePolicy, Policy, split_policy
 from avl.cache.registry import POLICIES, field_types, parse_value, policy_class
-from avl.eval.families import Family
+from avl.families import Family
 from avl.eval.runner import DTYPES, load_for_eval
 from avl.generate import Generative, generate
 from avl.inputs import check_policy

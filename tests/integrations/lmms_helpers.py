@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from avl.eval.tiny import tiny_rows
+from avl.testing.eval_data import tiny_rows
 from avl.processing import LLAVA15_SYSTEM_PROMPT
 
 HERE = Path(__file__).resolve().parent

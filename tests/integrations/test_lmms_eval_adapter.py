@@ -5,6 +5,7 @@ lmms-eval's multi-image prompt written out, transformers' LLaVA forward (loglike
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import tomllib
@@ -28,10 +29,10 @@ from integrations.lmms_helpers import (
 import avl
 from avl.cache.registry import parse_policy
 from avl.eval import EvalConfig, evaluate, get_family, get_task
-from avl.eval.families import FAMILIES, Family
-from avl.eval.tiny import write_tiny_parquet
+from avl.families import FAMILIES
+from avl.testing.eval_data import write_tiny_parquet
 from avl.integrations.lmms_eval import AvlLmms, GenerationSettings, parse_model_args, prompt_for
-from avl.tiny import build_tiny_llava
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 # the second policy as lmms-eval's --model_args parser hands it over (numbers already converted)
 AVL_ARGS = {"policy": "avl", "secondary": 0.45, "core": 0.3, "refresh_every": 3, "prefill_keep": 0.9, "text_keep": 0.5}
@@ -177,14 +178,15 @@ def test_prompts_for_one_and_two_images(model_type):
 
 
 def test_image_counts_a_family_cannot_take_raise():
+    llava = FAMILIES["llava"]
     with pytest.raises(ValueError, match="0 images; allowed: at least one"):
-        prompt_for(FAMILIES["llava"], "Q", 0)
-    other = Family("other", "other", lambda text: f"<image>{text}", FAMILIES["llava"].processor)
+        prompt_for(llava, "Q", 0)
+    other = dataclasses.replace(llava, model_type="other", eval_template=lambda text: f"<image>{text}")
     assert prompt_for(other, "Q", 1) == "<image>Q"
     with pytest.raises(ValueError, match="model_type 'other' has no multi-image prompt rule; allowed: 1 image"):
         prompt_for(other, "Q", 2)
     with pytest.raises(ValueError, match="holds '<image>\\\\n' 2 times"):
-        prompt_for(FAMILIES["llava"], "<image>\nQ", 2)
+        prompt_for(llava, "<image>\nQ", 2)
 
 
 def test_sampling_follows_the_tasks_temperature_and_top_p(checkpoint):

@@ -21,9 +21,9 @@ import pytest
 from integrations.lmms_helpers import HERE, N_DOCS, RECORDED, TASKS_DIR, request, task_dict, unwrap
 
 from avl.eval import EvalConfig, evaluate
-from avl.eval.tiny import write_tiny_parquet
+from avl.testing.eval_data import write_tiny_parquet
 from avl.integrations.lmms_eval import AvlLmms, parse_model_args
-from avl.tiny import build_tiny_llava
+from avl.testing.llava_checkpoint import build_tiny_llava
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
                                 reason="lmms-eval is not installed (README: lmms-eval)")

@@ -1,5 +1,5 @@
 """Task functions of the local lmms-eval tasks: lmms-eval's own DocVQA prompt and visual, over the tiny
-parquet shards that `avl.eval.tiny.write_tiny_parquet` writes (images as {bytes, path} structs)."""
+parquet shards that `avl.testing.eval_data.write_tiny_parquet` writes (images as {bytes, path} structs)."""
 
 import datasets
 from PIL import Image
