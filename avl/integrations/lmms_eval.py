@@ -1,6 +1,6 @@
 """lmms-eval model ``avl``: any avl checkpoint under any avl cache policy, inside lmms-eval.
 
-    pip install 'avl[lmms-eval]' -c constraints.txt     # see README, "lmms-eval"
+    pip install -e '.[lmms-eval]' -c tests/integrations/lmms-eval-constraints.txt   # README, "lmms-eval"
     python -m lmms_eval --model avl --tasks docvqa_val \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,policy=avl,secondary=0.45,core=0.30,refresh_every=3,dtype=float16
 
