@@ -1,0 +1,1 @@
+"""Adapters to other tools: ``lmms_eval`` (the lmms-eval model ``avl``)."""
