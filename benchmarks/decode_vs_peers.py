@@ -196,30 +196,37 @@ def measure(dtype: torch.dtype, n_image: int, args: argparse.Namespace, kvpress)
     skipped = []
     length = layout.modality.shape[1]
     for batch in args.batch:
-        need = kv_gb(length + capacity, batch, args.layers, dtype) * (2 + 2.5)  # two full caches + the others
+        need = kv_gb(length + capacity, batch, args.layers, dtype) * (2 + 2.5)  # a group: two full caches + the others
         if need > args.memory_gb:
             skipped.append({"batch": batch, "needed_gb": round(need, 1)})
             continue
-        methods = [hf_method("transformers sdpa", hf, hf_cache, hf_token, batch, dynamic_rows)]
-        if snap is not None:
-            methods.append(hf_method("kvpress SnapKV 50%", hf, snap[0], snap[1], batch, dynamic_rows))
-        methods += [avl_method(name, model, cache, token, batch) for name, (cache, token) in caches.items()]
-        methods += [attention_method(f"{name} [attention]", model, cache, batch, dtype) for name, (cache, _) in caches.items()]
-        run_round_robin(methods, args.warmup, args.steps)
-        base = methods[0]
-        for m in methods:
-            attention = m.name.endswith("[attention]")
-            full = next(f for f in methods if f.name == ("avl full [attention]" if attention else "avl full"))
-            ms = 1e3 * statistics.median(m.times)
-            row = {"batch": batch, "method": m.name, "step_ms": ms,
-                   "vs_transformers": None if attention else ms / (1e3 * statistics.median(base.times)),
-                   "vs_avl_full": ms / (1e3 * statistics.median(full.times)), "rows_last_step": m.rows()}
-            if m.kinds and "refresh" in m.kinds:
-                by = {k: [t for t, kind in zip(m.times, m.kinds) if kind == k] for k in ("core", "refresh")}
-                row["core_step_ms"] = 1e3 * statistics.median(by["core"])
-                row["refresh_step_ms"] = 1e3 * statistics.median(by["refresh"])
-            rows.append(row)
-        del methods
+        def whole_steps() -> list[Method]:
+            methods = [hf_method("transformers sdpa", hf, hf_cache, hf_token, batch, dynamic_rows)]
+            if snap is not None:
+                methods.append(hf_method("kvpress SnapKV 50%", hf, snap[0], snap[1], batch, dynamic_rows))
+            return methods + [avl_method(name, model, cache, token, batch) for name, (cache, token) in caches.items()]
+
+        def attention_steps() -> list[Method]:
+            return [attention_method(f"{name} [attention]", model, cache, batch, dtype)
+                    for name, (cache, _) in caches.items()]
+
+        # one group at a time, so that only its caches are held: whole steps (interleaved), then the cache's part
+        for group in (whole_steps, attention_steps):
+            methods = group()
+            run_round_robin(methods, args.warmup, args.steps)
+            full = next(m for m in methods if m.name.startswith("avl full"))
+            for m in methods:
+                ms = 1e3 * statistics.median(m.times)
+                row = {"batch": batch, "method": m.name, "step_ms": ms,
+                       "vs_transformers": ms / (1e3 * statistics.median(methods[0].times))
+                       if group is whole_steps else None,
+                       "vs_avl_full": ms / (1e3 * statistics.median(full.times)), "rows_last_step": m.rows()}
+                if m.kinds and "refresh" in m.kinds:
+                    by = {k: [t for t, kind in zip(m.times, m.kinds) if kind == k] for k in ("core", "refresh")}
+                    row["core_step_ms"] = 1e3 * statistics.median(by["core"])
+                    row["refresh_step_ms"] = 1e3 * statistics.median(by["refresh"])
+                rows.append(row)
+            del methods
 
     # capacity: the same full cache sized for 32 or 4096 new tokens, same tokens so far
     cap = [avl_method(f"avl full, max_new_tokens={n}", model, cache, logits.argmax(-1), 1)
