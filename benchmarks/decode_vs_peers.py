@@ -112,7 +112,7 @@ def hf_method(name: str, hf, cache, token: Tensor, batch: int, rows_of) -> Metho
 
 def attention_method(name: str, model: LlamaModel, cache: avl.ModalCache, batch: int, dtype: torch.dtype) -> Method:
     """Only the cache's part of a decode step (`LayerCache.step` of every layer: append, attend,
-    update; a shifted cache also rotates the rows it reads) on random q/k/v, on its own copy of the
+    update; a shifted cache also rotates its query, new key and sinks) on random q/k/v, on its own copy of the
     cache: what a policy changes in the step."""
     cache = cache.repeat_interleave(batch)
     g = torch.Generator().manual_seed(1)

@@ -125,9 +125,15 @@ class LayerCache:
     seen: Tensor  # [B] rows that ever entered the evictable region
     used: Tensor  # [] head-rows attended in the last step (the prefill's last row until a decode step ran)
     budget: Budget = field(default_factory=Budget)  # the policy's rule for the evictable rows
-    shifted: bool = False  # keys held unrotated, rotated at their index inside the cache each step
+    # a shifted cache's pinned keys [B, Hkv, A + Nv, D] at their prompt positions (see `step`), else None
+    pinned_k: Tensor | None = None
     # when set, called with (idx, probs) after each step's attention: eager runs only (`avl.analysis`)
     observer: Callable[[Tensor, Tensor], None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def shifted(self) -> bool:
+        """Positions inside the cache (StreamingLLM's pos_shift) instead of the rows' own."""
+        return self.pinned_k is not None
 
     @property
     def evictable_start(self) -> int:
@@ -149,22 +155,19 @@ class LayerCache:
 
         q [B, Hq, 1, D], k_new/v_new [B, Hkv, 1, D] -> out [B, Hq, 1, D]. `width` (from `DecodePlan`)
         bounds the evictable slots read; `refresh` attends all secondary rows and re-ranks the core.
-        A `shifted` cache takes q and k_new unrotated and rotates them (and the rows it reads) with
-        `rotate` at their positions inside the cache (`cache_positions`).
+        A `shifted` cache takes q and k_new unrotated and rotates them with `rotate` (`shift`).
         """
-        self.append(k_new, v_new, width)
-        idx = self.indices(refresh, width)
-        k, v = self.k, self.v
         if self.shifted:
             if rotate is None:
-                raise ValueError("this layer cache holds unrotated keys (a policy with shifted positions): "
-                                 "step needs `rotate`, the family's rotary at given positions")
-            end = self.evictable_start + width  # every slot idx can name lies below
-            query_pos, key_pos = self.cache_positions(width)
-            q = rotate(q, query_pos.repeat_interleave(q.shape[1] // query_pos.shape[1], dim=1)[..., None], True)
-            k, v = rotate(self.k[:, :, :end], key_pos, False), self.v[:, :, :end]
+                raise ValueError("this layer cache rotates its rows at their positions inside it (a policy with "
+                                 "shifted positions): step needs `rotate`, the family's rotary at given positions")
+            k_new = rotate(k_new, self.entry_positions()[:, :, None].expand(-1, k_new.shape[1], 1), False)
+        self.append(k_new, v_new, width)
+        if self.shifted:
+            q = self.shift(q, width, rotate)
+        idx = self.indices(refresh, width)
         # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
-        out, probs = gathered_attention(q, k, v, idx, scale, validate=False)
+        out, probs = gathered_attention(q, self.k, self.v, idx, scale, validate=False)
         if self.observer is not None:
             self.observer(idx, probs)
         self.used.copy_((idx >= 0).sum())
@@ -178,24 +181,35 @@ class LayerCache:
             self.refresh_core(probs[:, :, start:start + self.vision.shape[1]].mean(1))
         return out
 
-    def cache_positions(self, width: int) -> tuple[Tensor, Tensor]:
-        """Positions inside the cache (the original StreamingLLM's pos_shift), after this step's append:
-        query [B, Hkv] and keys [B, Hkv, P + width] of the slots `[pinned | evictable up to width]`.
+    def entry_positions(self) -> Tensor:
+        """[B, 1] position of the next row to enter the evictable region: the pinned rows come first,
+        then the evictable rows by entry (the prompt's positions, 0, 1, ... over its valid rows)."""
+        pinned = (torch.cat([self.system, self.vision], dim=1) >= 0).sum(-1, keepdim=True)
+        return pinned + self.seen[:, None]
 
-        The cache's rows in order are the pinned rows (slot order) and then the live evictable rows
-        by entry; row i is at position i, so the new token (the newest row) is at the cache length
-        before it, as the query. The live evictable rows are the most recent ones (a recency-only
-        budget), so a row's rank among them is its entry number minus the oldest one's.
-        Empty slots get position 0 (they are never attended)."""
-        heads = self.live.shape[1]
-        pinned = torch.cat([self.system, self.vision], dim=1) >= 0  # [B, P]
-        n_pinned = pinned.sum(-1)  # [B]
-        pinned_pos = (pinned.long().cumsum(-1) - 1).clamp(min=0)[:, None].expand(-1, heads, -1)
-        live = self.live[..., :width]
-        count = live.sum(-1)  # [B, Hkv] rows held, the new one included
-        oldest = self.seen[:, None] - count  # entry number of the oldest live row
-        evict_pos = (n_pinned[:, None, None] + self.order[..., :width] - oldest[..., None]).masked_fill(~live, 0)
-        return n_pinned[:, None] + count - 1, torch.cat([pinned_pos, evict_pos], dim=2)
+    def shift(self, q: Tensor, width: int, rotate: Rotate) -> Tensor:
+        """StreamingLLM's pos_shift after the append: the cache's rows in order (pinned rows by slot,
+        then the live evictable rows by entry) at positions 0, 1, ..., n - 1 and the query, the
+        newest row's, at n - 1. Returns q rotated so that, over the rows as stored, every score
+        is the one those positions give.
+
+        RoPE scores depend on position differences only. The evictable rows are stored once at
+        their entry positions (`entry_positions`) and the live ones are the most recent, so they
+        sit `oldest` (the entry number of the oldest live row) above their positions inside the
+        cache: the query is rotated at its position inside the cache (which also sets the family's
+        query-only factor) and then by `oldest`, and the pinned rows, rotated at positions
+        0..A+Nv-1 in `pinned_k`, are written back rotated by `oldest` too. The window is never
+        re-rotated: a step rotates the query, the new key and the pinned rows."""
+        count = self.live[..., :width].sum(-1)  # [B, Hkv] rows held, the new one included
+        oldest = (self.seen[:, None] - count)[..., None]  # [B, Hkv, 1]
+        query_pos = self.entry_positions()[..., None] - 1 - oldest  # [B, Hkv, 1]
+        groups = q.shape[1] // count.shape[1]
+        q = rotate(q, query_pos.repeat_interleave(groups, dim=1), True)
+        q = rotate(q, oldest.repeat_interleave(groups, dim=1), False)
+        n_pinned = self.pinned_k.shape[2]
+        if n_pinned:
+            self.k[:, :, :n_pinned] = rotate(self.pinned_k, oldest.expand(-1, -1, n_pinned), False)
+        return q
 
     def append(self, k_new: Tensor, v_new: Tensor, width: int) -> None:
         """Write the new token's k/v [B, Hkv, 1, D] into the first free evictable slot of each head,
@@ -265,7 +279,8 @@ class LayerCache:
         return int(pinned + self.live.sum())
 
     def allocated_bytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        held = [self.k, self.v] if self.pinned_k is None else [self.k, self.v, self.pinned_k]
+        return sum(x.numel() * x.element_size() for x in held)
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,10 @@ class Policy:
         return self.selects_image_rows() or self.prune_keep(layer) is not None
 
     def shifts_positions(self) -> bool:
-        """Whether decode rotates every attended key at its index inside the cache and the query at
-        the cache length (StreamingLLM's pos_shift), rather than at the rows' original positions.
-        The cache then holds unrotated keys. Needs a recency-only `eviction` (`Budget(fixed=...)` or
-        none): the cache ranks its evictable rows by entry number (`LayerCache.cache_positions`)."""
+        """Whether decode attends as if every key were at its index inside the cache and the query at
+        the cache length (StreamingLLM's pos_shift), rather than at the rows' original positions
+        (`LayerCache.shift`). Needs a recency-only `eviction` (`Budget(fixed=...)` or none), so that
+        the live evictable rows are the most recent ones, and pinned rows that precede the others."""
         return False
 
 
@@ -295,10 +295,12 @@ class StreamingLLM(Policy):
 
     `positions` sets the rotary positions of decode:
 
-    - "shifted" (default, the original's pos_shift): keys are cached unrotated; each step rotates
-      the attended rows at their index inside the cache, sinks then window rows in order
-      (0, 1, ..., n - 1 for the n cached rows, the new token's key at n), and the query at n, the
-      cache length. Distances never exceed `sinks + window`, however long the generation.
+    - "shifted" (default, the original's pos_shift): each step attends the cached rows at their
+      index inside the cache, sinks then window rows in order (0, 1, ..., n - 1 for the n cached
+      rows, the new token's key at n), and the query at n, the cache length. Distances never
+      exceed `sinks + window`, however long the generation. The original caches unrotated keys and
+      rotates them all every step; avl gets the same scores by rotating the query, the new key and
+      the sinks only (`LayerCache.shift`), so a step costs what "original" does.
     - "original": keys are rotated once at their original positions and the query at its own
       (prompt length + step), so distances grow with the generation, as in the uncompressed model.
 
@@ -340,8 +342,8 @@ def build_layer_cache(
     new_tokens: int,
     prompt_keep: Tensor | None = None,
 ) -> LayerCache:
-    """Compact one layer's prefill K/V [B, Hkv, L, D] into its `LayerCache` (keys unrotated when
-    the policy `shifts_positions`, rotated at their original positions otherwise).
+    """Compact one layer's prefill K/V [B, Hkv, L, D] (keys rotated at the layout's positions) into
+    its `LayerCache`.
 
     image_scores [B, L]: head-mean attention of the last prompt token (needed when the policy
     selects image rows); evict_scores [B, Hkv, L]: attention received from the scoring queries;
@@ -418,9 +420,23 @@ def build_layer_cache(
         seen=seen,
         used=layout.valid.sum() * heads,  # the prefill's last row attended every valid prompt row
         budget=budget,
-        shifted=policy.shifts_positions(),
     )
+    if policy.shifts_positions():
+        check_cache_positions(layout, roles == Role.PINNED, evictable, entry)
+        layer.pinned_k = layer.k[:, :, :pinned_index.shape[1]].clone()
     return layer
+
+
+def check_cache_positions(layout: PromptLayout, pinned: Tensor, evictable: Tensor, entry: Tensor) -> None:
+    """A shifted cache (`LayerCache.shift`) needs the prompt's rows at their index inside the cache:
+    pinned rows (pinned [B, L]) first, then the evictable rows by entry number (entry [B, L])."""
+    rank = pinned.long().cumsum(-1) - 1
+    index = torch.where(pinned, rank, pinned.sum(-1, keepdim=True) + entry)
+    cached = pinned | evictable
+    if not torch.equal(layout.positions[cached], index[cached]):
+        raise ValueError("shifted positions (StreamingLLM's pos_shift) need the prompt's positions to be "
+                         "0, 1, ... over its cached rows, pinned rows first; this prompt's are not "
+                         "(a prefill drop or a family's own position rule): use positions='original'")
 
 
 def core_first(kept: Tensor, core: Tensor) -> Tensor:

@@ -7,10 +7,10 @@ rotary positions are not `layout.positions`: Qwen2-VL's M-RoPE). A self-attentio
 `rotate_key(k, a, b)`, `output(out)` and `scale`, and `finish(h, attn_out) -> h` (residual, MLP).
 The pair `(a, b)` that `rotary` returns is opaque to the loop and goes to the rotations as is: cos
 and sin for Llama; Qwen's rotary table and logn query scale. A policy that `shifts_positions`
-(StreamingLLM's pos_shift) caches the keys unrotated, and each decode step rotates the rows it
-attends at their index inside the cache through the same hooks (`decode_rotary` per row). A
-cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads image features in
-prefill and its `CrossLayerCache` in decode. The cache policies then work on every family unchanged.
+(StreamingLLM's pos_shift) hands each decode step's unrotated q and k to the cache with a `Rotate`
+built from the same hooks (`decode_rotary` per row), so the cache rotates them for the positions
+inside it. A cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads image
+features in prefill and its `CrossLayerCache` in decode. The cache policies then work on every family unchanged.
 """
 
 from __future__ import annotations
@@ -112,22 +112,13 @@ class CachedDecoder(nn.Module):
 
     def rotation(self, attn: nn.Module, rotary_state: Tensor | None) -> Rotate:
         """The `Rotate` of a shifted cache: `attn`'s rotations with this family's decode tables and
-        the prompt's `rotary_state`. Key positions are indices inside the cache, below the N rows
-        rotated: the tables are built once per sample and index and picked per row (the sines and
-        cosines cost per index, not per head and row)."""
-        def pick(table: Tensor, positions: Tensor) -> Tensor:  # [..., B, 1, N, X] -> [..., B, H, n, X]
-            shape = (*table.shape[:-4], *positions.shape, table.shape[-1])
-            index = positions[..., None].expand(shape)
-            return table.expand(*shape[:-2], table.shape[-2], shape[-1]).gather(-2, index)
-
+        the prompt's `rotary_state`, at positions [B, H, n] for rows [B, H, n, D] (a few rows per
+        head: the query, the new key, the pinned rows)."""
         def rotate(x: Tensor, positions: Tensor, query: bool) -> Tensor:
             b, heads, n, _ = x.shape
-            if query:  # one row per head: its tables, heads laid out as rows and moved back
-                tables = self.decode_rotary(positions.reshape(b, heads * n), rotary_state, x.dtype)
-                return attn.rotate_query(x, *tree_map(lambda t: t.unflatten(-2, (heads, n)).squeeze(-4), tables))
-            index = torch.arange(n, device=x.device).expand(b, n)
-            tables = tree_map(lambda t: pick(t, positions), self.decode_rotary(index, rotary_state, x.dtype))
-            return attn.rotate_key(x, *tables)
+            tables = self.decode_rotary(positions.reshape(b, heads * n), rotary_state, x.dtype)
+            tables = tree_map(lambda t: t.unflatten(-2, (heads, n)).squeeze(-4), tables)
+            return (attn.rotate_query if query else attn.rotate_key)(x, *tables)
 
         return rotate
 
@@ -168,15 +159,13 @@ class CachedDecoder(nn.Module):
                 caches.append(layer_cache)
                 continue
             attn = block.self_attn
-            q, raw_k, v = attn.qkv(block.input_layernorm(h))
-            q, k = attn.rotate_query(q, a, b), attn.rotate_key(raw_k, a, b)
+            q, k, v = attn.qkv(block.input_layernorm(h))
+            q, k = attn.rotate_query(q, a, b), attn.rotate_key(k, a, b)
             out = prefill_attention(q, k, v, layout.valid, attn.scale)
             scored = policy.needs_image_scores(i) or self.observer is not None
             image_scores = self._image_scores(q, k, layout, attn.scale) if scored else None
             evict_scores = self._received_scores(q, k, layout, policy.scoring_queries(layout), attn.scale)
-            cached_k = raw_k if policy.shifts_positions() else k
-            build = partial(build_layer_cache, policy, layout, cached_k, v, n_image, image_scores, evict_scores,
-                            new_tokens)
+            build = partial(build_layer_cache, policy, layout, k, v, n_image, image_scores, evict_scores, new_tokens)
             if self.observer is not None:
                 self.observer.prefill(i, layout, image_scores)
             shared = policy.layer_scores(i, q, k, layout, attn.scale)
@@ -248,7 +237,7 @@ class CachedDecoder(nn.Module):
                 continue
             attn = block.self_attn
             q, k, v = attn.qkv(block.input_layernorm(h))
-            if shifted:  # the cache rotates q, k and the rows it attends at their positions inside it
+            if shifted:  # the cache rotates q and k for the positions inside it
                 out = layer_cache.step(q, k, v, attn.scale, step.refresh, width,
                                        self.rotation(attn, cache.rotary_state))
             else:

@@ -103,7 +103,8 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
         # the budget is met exactly, unless fewer rows are available (evicted rows never come back)
         expected = torch.minimum(budget.rows(cache.seen)[:, None], available) if budget.evicts else available
         assert torch.equal(live, expected)
-        assert cache.allocated_bytes() == 2 * cache.k.numel() * cache.k.element_size()
+        pinned_bytes = 0 if cache.pinned_k is None else cache.pinned_k.numel() * cache.pinned_k.element_size()
+        assert cache.allocated_bytes() == 2 * cache.k.numel() * cache.k.element_size() + pinned_bytes
         if step == steps:
             with pytest.raises(ValueError, match="past the capacity"):
                 plan.next()
@@ -132,18 +133,30 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
         calls = []
 
         def rotate(x, positions, query):  # records what the cache asks; identity, so `out` is comparable
-            calls.append((query, positions.clone()))
+            calls.append((query, x.shape[2], positions.clone()))
             return x
 
+        n_pinned_valid = (torch.cat([cache.system, cache.vision], dim=1) >= 0).sum(-1)  # [B]
+        seen_before = cache.seen.clone()
         out = cache.step(q, k_new, v_new, DIM**-0.5, planned.refresh, width, rotate if cache.shifted else None)
         if cache.shifted:  # pos_shift: row i of [pinned rows | live evictable rows by entry] is at position i
-            (_, query_pos), (_, key_pos) = calls
-            assert [c[0] for c in calls] == [True, False]
+            # keys stay where they were rotated: prompt rows at their prompt positions (pinned rows, then
+            # evictable rows by entry: checked at the build), the new key at its entry position; the
+            # query and the pinned rows are rotated on top so that the position differences are pos_shift's
+            n_pinned = cache.pinned_k.shape[2]
+            assert [(c[0], c[1]) for c in calls] == [(False, 1), (True, 1), (False, 1)] + [(False, n_pinned)] * (n_pinned > 0)
+            (_, _, new_pos), (_, _, query_pos), (_, _, query_turn) = calls[:3]
+            pinned_turn = calls[3][2] if n_pinned else None
             for s in range(b):
                 for h in range(HEADS):
+                    assert int(new_pos[s, h, 0]) == int(n_pinned_valid[s] + seen_before[s])
+                    entry = {cache.evictable_start + j: int(ref.order[s, h, j]) for j in range(ref.live.shape[2])}
+                    key_pos = [slot + int(pinned_turn[s, h, slot]) if slot < n_pinned  # pinned slot j: row j
+                               else int(n_pinned_valid[s]) + entry[slot] for slot in cache_rows[s][h]]
+                    query = int(query_pos[s, h, 0]) + int(query_turn[s, h, 0])
                     rows = cache_rows[s][h]
-                    assert [int(key_pos[s, h, slot]) for slot in rows] == list(range(len(rows)))
-                    assert int(query_pos[s, h, 0]) == len(rows) - 1  # the new token's own index: the cache length
+                    assert [query - p for p in key_pos] == list(range(len(rows) - 1, -1, -1))
+                    assert int(query_pos[s, h, 0]) == len(rows) - 1  # the query-only factor: at the cache length
         else:
             assert calls == []
         assert int(cache.used) == int((idx >= 0).sum())  # the rows attended, counted over heads

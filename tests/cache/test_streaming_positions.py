@@ -12,6 +12,12 @@ mit-han-lab/streaming-llm does with `enable_pos_shift` (`pos_shift/modify_llama.
 
 With `shift=False` the same cache keeps keys rotated at their original positions and the query at
 its own position (avl's `positions="original"`).
+
+avl's shifted cache does not re-rotate its keys: it rotates the query, the new key and the sinks so
+that every score equals the original's (RoPE scores depend on position differences only). With
+rotary tables in float32, as transformers and avl take them, the two differ by the tables' rounding
+at different positions (about 1e-6 in the logits after 20 steps); with exact (float64) tables on
+both sides they agree to float64 rounding.
 """
 
 from __future__ import annotations
@@ -46,18 +52,29 @@ def hf_prompt_embeddings(hf, ids: torch.Tensor, pixels: torch.Tensor) -> torch.T
     return seen["embeds"]
 
 
+def exact_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables [B, 1, L, D] computed in float64 (avl's `rotary_cos_sin` signature)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 @torch.no_grad()
 def emulate(hf, ids: torch.Tensor, pixels: torch.Tensor, start: int, recent: int, steps: int,
-            shift: bool) -> torch.Tensor:
-    """Greedy logits [steps + 1, V] of the original StreamingLLM on a batch of one."""
+            shift: bool, exact_tables: bool = False) -> torch.Tensor:
+    """Greedy logits [steps + 1, V] of the original StreamingLLM on a batch of one (`exact_tables`:
+    rotary tables in float64 instead of transformers' float32 ones)."""
     lm, cfg = hf.model.language_model, hf.config.text_config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     dim = cfg.hidden_size // heads
-    rotary = lm.rotary_emb
 
     def rope(x: torch.Tensor, positions: list[int]) -> torch.Tensor:  # x [1, H, N, D]
-        cos, sin = rotary(x, torch.tensor([positions]))
-        return x * cos[:, None] + rotate_half(x) * sin[:, None]
+        if exact_tables:
+            cos, sin = exact_cos_sin(torch.tensor([positions]), dim, cfg.rope_parameters["rope_theta"], x.dtype)
+        else:
+            cos, sin = (t[:, None] for t in lm.rotary_emb(x, torch.tensor([positions])))
+        return x * cos + rotate_half(x) * sin
 
     def split(x: torch.Tensor, n_heads: int) -> torch.Tensor:
         return x.view(1, -1, n_heads, dim).transpose(1, 2)
@@ -107,20 +124,27 @@ def gqa_llava(tmp_path_factory):
     return directory, save_hf_llava(directory, seed=3, num_key_value_heads=2)
 
 
+@pytest.mark.parametrize("exact_tables", [False, True], ids=["float32-tables", "float64-tables"])
 @pytest.mark.parametrize("checkpoint", ["hf_llava", "gqa_llava"])
 @pytest.mark.parametrize("positions", ["shifted", "original"])
-def test_streaming_llm_matches_the_emulated_original_over_20_steps(request, checkpoint, positions):
+def test_streaming_llm_matches_the_emulated_original_over_20_steps(request, monkeypatch, checkpoint, positions,
+                                                                   exact_tables):
     """A prompt of 27 rows with 4 sinks + a window of 8: the window is full from the first step."""
     directory, hf = request.getfixturevalue(checkpoint)
+    if exact_tables:
+        monkeypatch.setattr(avl.models.llama, "rotary_cos_sin", exact_cos_sin)
     model = avl.load(directory)
     ids = torch.tensor([prompt_ids(3, 7, 16, seed=4)])
     pixels = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert ids.shape[1] > 4 + 8
-    expected = emulate(hf, ids, pixels, start=4, recent=8, steps=STEPS, shift=positions == "shifted")
+    expected = emulate(hf, ids, pixels, start=4, recent=8, steps=STEPS, shift=positions == "shifted",
+                       exact_tables=exact_tables)
     out = avl.generate(model, ids, pixel_values=pixels, policy=avl.StreamingLLM(sinks=4, window=8, positions=positions),
                        max_new_tokens=STEPS + 1, output_logits=True)
     assert out.tokens[0].tolist() == expected.argmax(-1).tolist()
-    assert (out.logits[0] - expected).abs().max() <= 1e-6
+    # float32 tables: the shifted cache takes them at other positions than the original (module docstring)
+    tolerance = 1e-12 if exact_tables or positions == "original" else 1e-5
+    assert (out.logits[0] - expected).abs().max() <= tolerance
 
 
 def test_the_two_position_rules_differ_once_the_window_slides(hf_llava):
@@ -147,7 +171,7 @@ def test_a_shifted_cache_refuses_a_step_without_its_rotation():
     k, v = torch.randn(2, 1, 2, 6, 4)
     cache = build_layer_cache(avl.StreamingLLM(sinks=1, window=2), layout, k, v, layout.count(Modality.IMAGE),
                               None, None, new_tokens=2)
-    assert cache.shifted and torch.equal(cache.k[:, :, 0], k[:, :, 0])  # the sink, unrotated as given
+    assert cache.shifted and torch.equal(cache.k[:, :, 0], k[:, :, 0])  # the sink, as given
     q, k_new, v_new = torch.randn(3, 1, 2, 1, 4)
-    with pytest.raises(ValueError, match="holds unrotated keys.*needs `rotate`"):
+    with pytest.raises(ValueError, match="positions inside it.*needs `rotate`"):
         cache.step(q, k_new, v_new, 0.5, False, cache.live.shape[2] - 1)
