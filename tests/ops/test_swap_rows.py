@@ -38,6 +38,25 @@ def test_swaps_every_listed_pair_in_every_head_and_nothing_else():
         assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
 
 
+def test_chunked_and_strided_caches_swap_the_same(monkeypatch):
+    """Contiguous caches move rows chunk by chunk (a small chunk here, so that a swap spans many);
+    a strided cache (heads not outermost in memory) takes the indexing path."""
+    import avl.ops.swap_rows
+
+    monkeypatch.setattr(avl.ops.swap_rows, "CHUNK_ROWS", 5)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 3, 4, 30, 8, generator=g)
+    a, b = pairs(3, 30, 12, g)
+    expected = naive_swap(k, a, b), naive_swap(v, a, b)
+    swap_rows_(k, v, a, b)
+    assert torch.equal(k, expected[0]) and torch.equal(v, expected[1])
+    k, v = torch.randn(2, 3, 30, 4, 8, generator=g).transpose(2, 3)  # [B, H, N, D] views, not contiguous
+    assert not k.is_contiguous()
+    expected = naive_swap(k, a, b), naive_swap(v, a, b)
+    swap_rows_(k, v, a, b)
+    assert torch.equal(k, expected[0]) and torch.equal(v, expected[1])
+
+
 def test_no_pairs_leave_the_cache_unchanged():
     k, v = torch.randn(2, 2, 2, 5, 4)
     before = k.clone(), v.clone()
