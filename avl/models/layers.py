@@ -109,20 +109,22 @@ def attention_probs(
 
 
 def attention_received(q_rows: Tensor, query_index: Tensor, k: Tensor, valid: Tensor, scale: float,
-                       chunk_elements: int = 1 << 19) -> Tensor:
+                       chunk_elements: int = 1 << 22) -> Tensor:
     """Attention each key row receives from the selected query rows, summed over them: [B, Hq, L].
 
     Same inputs as `attention_probs`, but the probabilities are summed chunk by chunk of query
-    rows (about `chunk_elements` probabilities at a time) and the query heads of a KV head share
-    its keys, so neither the [B, Hq, R, L] matrix nor repeated keys are ever held: a policy's
-    prefill scoring costs about one chunk of memory.
+    rows (at most `chunk_elements` probabilities at a time, and no more than q_rows has elements)
+    and the query heads of a KV head share its keys, so neither the [B, Hq, R, L] matrix nor
+    repeated keys are ever held: a policy's prefill scoring costs about two chunks of memory, at
+    most twice the queries it scores. (2**22 probabilities, 16 MiB in float32, measured fastest on
+    a 2-core CPU at 7B shapes and 2921 rows: 0.75 s a layer, 1.9 s with 2**19.)
     """
     b, hq, n_rows, d = q_rows.shape
     hkv, length = k.shape[1], k.shape[2]
     groups = hq // hkv
     keys = k.to(compute_dtype(k.dtype))
     key_index = torch.arange(length, device=k.device)
-    chunk = max(1, chunk_elements // max(1, b * hq * length))
+    chunk = max(1, min(chunk_elements, q_rows.numel()) // max(1, b * hq * length))
     total = torch.zeros(b, hkv, groups, length, dtype=keys.dtype, device=k.device)
     for start in range(0, n_rows, chunk):
         q = q_rows[:, :, start:start + chunk].to(keys.dtype).unflatten(1, (hkv, groups))  # [B, Hkv, G, r, D]
