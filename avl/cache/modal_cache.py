@@ -161,10 +161,11 @@ class LayerCache:
             if rotate is None:
                 raise ValueError("this layer cache rotates its rows at their positions inside it (a policy with "
                                  "shifted positions): step needs `rotate`, the family's rotary at given positions")
-            k_new = rotate(k_new, self.entry_positions()[:, :, None].expand(-1, k_new.shape[1], 1), False)
+            position = self.entry_position()  # the new row's
+            k_new = rotate(k_new, position[:, :, None].expand(-1, k_new.shape[1], 1), False)
         self.append(k_new, v_new, width)
         if self.shifted:
-            q = self.shift(q, width, rotate)
+            q = self.shift(q, position, width, rotate)
         idx = self.indices(refresh, width)
         # the cache builds idx itself, always in range: skip the wrapper's range check (a device sync)
         out, probs = gathered_attention(q, self.k, self.v, idx, scale, validate=False)
@@ -181,20 +182,20 @@ class LayerCache:
             self.refresh_core(probs[:, :, start:start + self.vision.shape[1]].mean(1))
         return out
 
-    def entry_positions(self) -> Tensor:
+    def entry_position(self) -> Tensor:
         """[B, 1] position of the next row to enter the evictable region: the pinned rows come first,
         then the evictable rows by entry (the prompt's positions, 0, 1, ... over its valid rows)."""
         pinned = (torch.cat([self.system, self.vision], dim=1) >= 0).sum(-1, keepdim=True)
         return pinned + self.seen[:, None]
 
-    def shift(self, q: Tensor, width: int, rotate: Rotate) -> Tensor:
-        """StreamingLLM's pos_shift after the append: the cache's rows in order (pinned rows by slot,
-        then the live evictable rows by entry) at positions 0, 1, ..., n - 1 and the query, the
-        newest row's, at n - 1. Returns q rotated so that, over the rows as stored, every score
-        is the one those positions give.
+    def shift(self, q: Tensor, position: Tensor, width: int, rotate: Rotate) -> Tensor:
+        """StreamingLLM's pos_shift after the append of the row at entry position `position` [B, 1]:
+        the cache's rows in order (pinned rows by slot, then the live evictable rows by entry) at
+        positions 0, 1, ..., n - 1 and the query, the newest row's, at n - 1. Returns q rotated so
+        that, over the rows as stored, every score is the one those positions give.
 
         RoPE scores depend on position differences only. The evictable rows are stored once at
-        their entry positions (`entry_positions`) and the live ones are the most recent, so they
+        their entry positions (`entry_position`) and the live ones are the most recent, so they
         sit `oldest` (the entry number of the oldest live row) above their positions inside the
         cache: the query is rotated at its position inside the cache (which also sets the family's
         query-only factor) and then by `oldest`, and the pinned rows, rotated at positions
@@ -202,7 +203,7 @@ class LayerCache:
         re-rotated: a step rotates the query, the new key and the pinned rows."""
         count = self.live[..., :width].sum(-1)  # [B, Hkv] rows held, the new one included
         oldest = (self.seen[:, None] - count)[..., None]  # [B, Hkv, 1]
-        query_pos = self.entry_positions()[..., None] - 1 - oldest  # [B, Hkv, 1]
+        query_pos = position[..., None] - oldest  # [B, Hkv, 1]
         groups = q.shape[1] // count.shape[1]
         q = rotate(q, query_pos.repeat_interleave(groups, dim=1), True)
         q = rotate(q, oldest.repeat_interleave(groups, dim=1), False)

@@ -10,7 +10,8 @@ and sin for Llama; Qwen's rotary table and logn query scale. A policy that `shif
 (StreamingLLM's pos_shift) hands each decode step's unrotated q and k to the cache with a `Rotate`
 built from the same hooks (`decode_rotary` per row), so the cache rotates them for the positions
 inside it. A cross-attention block (Llama-3.2-Vision) is a `CrossAttentionBlock`: it reads image
-features in prefill and its `CrossLayerCache` in decode. The cache policies then work on every family unchanged.
+features in prefill and its `CrossLayerCache` in decode. The cache policies then work on every
+family unchanged.
 """
 
 from __future__ import annotations

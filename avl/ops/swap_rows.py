@@ -25,7 +25,6 @@ def swap_rows_(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     there is no pair; the rows named in one sample's ``a`` and ``b`` are distinct."""
     sample, pair = (a >= 0).nonzero(as_tuple=True)
     for x in (k, v):
-        heads, n = x.shape[1], x.shape[2]
         if not x.is_contiguous():
             rows_a, rows_b = a[sample, pair], b[sample, pair]
             held_a, held_b = x[sample, :, rows_a], x[sample, :, rows_b]  # [pairs, H, D]
@@ -35,6 +34,7 @@ def swap_rows_(k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         # contiguous: rows of a [B * H * N, D] view, moved by index_select / index_copy_ (whole rows,
         # several times faster on CPU than indexing [B, H, N, D] with a slice between the indices),
         # in chunks: every row named once, so a chunk's reads never see another chunk's writes
+        heads, n = x.shape[1], x.shape[2]
         first = ((sample * heads)[:, None] + torch.arange(heads, device=a.device)) * n  # [pairs, H]
         flat_a, flat_b = ((first + slots[sample, pair][:, None]).flatten() for slots in (a, b))
         rows = x.view(-1, x.shape[-1])
