@@ -5,8 +5,8 @@ load drift on a shared machine hits all alike), median of `--steps` after `--war
 
 - transformers: `LlamaForCausalLM` (sdpa attention, `DynamicCache`), the full cache;
 - NVIDIA kvpress `SnapKVPress(compression_ratio=0.5)` on that model, when kvpress is importable
-  (it pins transformers < 5.3: run this script in an environment that has both, e.g. `pip install
-  'avl[peers]'` into a fresh venv);
+  (it pins transformers < 5.3: run this script in a venv of its own, `pip install torch==2.13.0 &&
+  pip install -e '.[peers]'`);
 - avl: Full, A-VL S45 C30 K3 P90 T50, H2O 50%, FastV K2 R50, StreamingLLM 4+256, on `LlamaModel`.
 
 The model has LLaVA-1.5-7B's decoder layer shapes (hidden 4096, 32 heads of 128, MLP 11008,
