@@ -150,11 +150,11 @@ def test_cache_invariants_through_prefill_and_decode(layout, policy, steps, seed
             for s in range(b):
                 for h in range(HEADS):
                     assert int(new_pos[s, h, 0]) == int(n_pinned_valid[s] + seen_before[s])
+                    rows = cache_rows[s][h]
                     entry = {cache.evictable_start + j: int(ref.order[s, h, j]) for j in range(ref.live.shape[2])}
                     key_pos = [slot + int(pinned_turn[s, h, slot]) if slot < n_pinned  # pinned slot j: row j
-                               else int(n_pinned_valid[s]) + entry[slot] for slot in cache_rows[s][h]]
+                               else int(n_pinned_valid[s]) + entry[slot] for slot in rows]
                     query = int(query_pos[s, h, 0]) + int(query_turn[s, h, 0])
-                    rows = cache_rows[s][h]
                     assert [query - p for p in key_pos] == list(range(len(rows) - 1, -1, -1))
                     assert int(query_pos[s, h, 0]) == len(rows) - 1  # the query-only factor: at the cache length
         else:
